@@ -1,0 +1,198 @@
+//! The crate's one error type.
+
+use std::time::Duration;
+
+/// A boxed error from user code (callbacks, serializers).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `outbox-core`.
+///
+/// Messages are lowercase and say what failed at this layer; the cause is
+/// available through [`std::error::Error::source`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A database statement failed.
+    #[error("database error")]
+    Database(#[from] sea_orm::DbErr),
+
+    /// Talking to the broker failed.
+    #[error("broker error")]
+    Broker(#[from] lapin::Error),
+
+    /// A broker operation did not finish in time.
+    #[error("broker operation `{operation}` timed out after {timeout:?}")]
+    BrokerTimeout {
+        /// What we were waiting for.
+        operation: &'static str,
+        /// How long we waited.
+        timeout: Duration,
+    },
+
+    /// A destination string is not one RabbitMQ's STOMP plugin understands.
+    #[error(
+        "invalid destination `{destination}`: {reason}; use /topic/<routing-key>, \
+         /exchange/<exchange>/<routing-key>, /queue/<queue>, /amq/queue/<queue> or a bare queue name"
+    )]
+    InvalidDestination {
+        /// The destination as given.
+        destination: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A setting has a value that is not allowed.
+    #[error("invalid setting `{key}` = {value}: {allowed}")]
+    InvalidSetting {
+        /// The setting's key, as written in `outbox.toml` (`relay.batch_size`).
+        key: String,
+        /// The rejected value.
+        value: String,
+        /// What would be accepted.
+        allowed: String,
+    },
+
+    /// A settings file names a key we do not know.
+    #[error("unknown setting `{key}` in {file}; known settings: {known}")]
+    UnknownSetting {
+        /// The key as written.
+        key: String,
+        /// The file it is in.
+        file: String,
+        /// Every known key.
+        known: String,
+    },
+
+    /// A setting that this command needs has no value.
+    #[error("missing setting `{key}`: {hint}")]
+    MissingSetting {
+        /// The key.
+        key: &'static str,
+        /// How to provide it.
+        hint: &'static str,
+    },
+
+    /// The settings file could not be read or parsed.
+    #[error("cannot read settings file `{path}`")]
+    SettingsFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A message body could not be turned into JSON.
+    #[error("cannot serialize the message body for `{destination}`")]
+    Body {
+        /// The destination of the message.
+        destination: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// No callback is registered under the path given to `subscribe`.
+    #[error("no callback registered as `{path}`; registered callbacks: {}", list_or_none(.registered))]
+    UnknownCallback {
+        /// The path asked for.
+        path: String,
+        /// Every registered path.
+        registered: Vec<String>,
+    },
+
+    /// The database backend is not one we support.
+    #[error("unsupported database backend `{0}`; use PostgreSQL, MySQL/MariaDB or SQLite")]
+    UnsupportedBackend(String),
+
+    /// An outbox row was asked for that does not exist (or is in the wrong state).
+    #[error("no {what} outbox row with id {id}")]
+    RowNotFound {
+        /// Which kind of row (e.g. "failed").
+        what: &'static str,
+        /// The id asked for.
+        id: uuid::Uuid,
+    },
+
+    /// Reading or writing a local resource (a socket, a file) failed.
+    #[error("i/o error while {context}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn list_or_none(paths: &[String]) -> String {
+    if paths.is_empty() {
+        "none (annotate an async fn with #[outbox_core::callback] and link it into this binary)"
+            .to_owned()
+    } else {
+        paths.join(", ")
+    }
+}
+
+impl Error {
+    /// True when the error comes from the infrastructure (broker or database
+    /// connectivity) rather than from the message itself. Such errors pause
+    /// the relay and the consumer; they never count as a failed attempt.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Broker(_) | Error::BrokerTimeout { .. } => true,
+            Error::Database(err) => is_transient_db(err),
+            Error::Io { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Connection-level database failures: the server went away, the pool
+/// could not hand out a connection, a socket broke.
+pub(crate) fn is_transient_db(err: &sea_orm::DbErr) -> bool {
+    use sea_orm::{DbErr, RuntimeErr};
+    match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            use sea_orm::sqlx::Error as SqlxError;
+            match e.as_ref() {
+                SqlxError::Io(_)
+                | SqlxError::Tls(_)
+                | SqlxError::PoolTimedOut
+                | SqlxError::PoolClosed
+                | SqlxError::WorkerCrashed
+                | SqlxError::Protocol(_) => true,
+                SqlxError::Database(db) => {
+                    // admin_shutdown, crash_shutdown, cannot_connect_now,
+                    // too_many_connections; MySQL server-gone/lost codes.
+                    matches!(
+                        db.code().as_deref(),
+                        Some("57P01" | "57P02" | "57P03" | "53300" | "08006" | "08003" | "08001")
+                    )
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// An error and its causes on one line: `relay stopped: broker error: connection refused`.
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some wrapped errors repeat their source's text; say it once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,503 @@
+//! Settings: defaults equal to django-outbox-pattern's, overlaid by a TOML
+//! file and then by environment variables.
+//!
+//! Every key `section.name` can be set in the file as `[section] name = ..`
+//! and in the environment as `OUTBOX_SECTION_NAME`. `DATABASE_URL` and
+//! `AMQP_URL` are honoured as well (below `OUTBOX_DATABASE_URL` and
+//! `OUTBOX_BROKER_URL`). Durations are seconds and may be fractional.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// What the relay does with a message the broker returns as unroutable
+/// (published with `mandatory`, no queue bound).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unroutable {
+    /// Count a failed attempt and retry on the normal schedule; the row ends
+    /// FAILED with the error "unroutable" if nobody ever binds a queue.
+    Retry,
+    /// Mark it sent, with a warning, like a STOMP `SEND` to a topic nobody
+    /// listens to. For fan-out events where no listener is a normal state.
+    Accept,
+}
+
+/// Database connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DatabaseSettings {
+    /// `database.url` (`DATABASE_URL`): `postgres://`, `mysql://` or `sqlite://`.
+    pub url: Option<String>,
+    /// `database.max_connections`: pool size.
+    pub max_connections: u32,
+}
+
+/// Broker connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BrokerSettings {
+    /// `broker.url` (`AMQP_URL`). Python: `DEFAULT_STOMP_HOST_AND_PORTS`, `..._VHOST`, `..._USERNAME`, `..._PASSCODE`.
+    pub url: String,
+    /// `broker.heartbeat`: seconds. Python: `DEFAULT_STOMP_HEARTBEATS` (10000 ms).
+    pub heartbeat: u16,
+    /// `broker.maximum_backoff`: cap of the reconnect backoff. Python: `DEFAULT_MAXIMUM_BACKOFF`.
+    pub maximum_backoff: Duration,
+    /// `broker.operation_timeout`: limit on every broker round trip (connect, declare, confirm).
+    pub operation_timeout: Duration,
+}
+
+/// The relay (`outbox-cli publish`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RelaySettings {
+    /// `relay.batch_size`: rows claimed per batch. Python: `DEFAULT_PUBLISHED_CHUNK_SIZE`.
+    pub batch_size: u32,
+    /// `relay.max_retry_attempts`: failed attempts before FAILED. Python: `DEFAULT_MAXIMUM_RETRY_ATTEMPTS`.
+    pub max_retry_attempts: u32,
+    /// `relay.pause_for_retry`: wait after the 3rd failed attempt. Python: `DEFAULT_PAUSE_FOR_RETRY`.
+    pub pause_for_retry: Duration,
+    /// `relay.wait_retry`: wait after each later failed attempt. Python: `DEFAULT_WAIT_RETRY`.
+    pub wait_retry: Duration,
+    /// `relay.waiting_time`: poll interval when idle. Python: `DEFAULT_PRODUCER_WAITING_TIME`.
+    pub waiting_time: Duration,
+    /// `relay.claim_lease`: how long a claimed row stays reserved for one relay.
+    pub claim_lease: Duration,
+    /// `relay.unroutable`: `retry` or `accept`.
+    pub unroutable: Unroutable,
+    /// `relay.listen`: wake up on PostgreSQL `NOTIFY` (polling stays as fallback).
+    pub listen: bool,
+    /// `relay.progress_interval`: how often progress (rate, backlog, oldest pending) is logged.
+    pub progress_interval: Duration,
+}
+
+/// The consumer (`outbox-cli subscribe`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsumerSettings {
+    /// `consumer.prefetch`: unacknowledged deliveries in flight. Python: `prefetch-count` in `DEFAULT_STOMP_QUEUE_HEADERS`.
+    pub prefetch: u16,
+    /// `consumer.concurrency`: callbacks running at once. Python: `DEFAULT_CONSUMER_PROCESS_MSG_ON_BACKGROUND` (one worker).
+    pub concurrency: usize,
+    /// `consumer.exclusive_queue`. Python: `DEFAULT_EXCLUSIVE_QUEUE`.
+    pub exclusive_queue: bool,
+    /// `consumer.shutdown_timeout`: wait for in-flight callbacks on shutdown; `none` waits forever. Python: `DEFAULT_CONSUMER_SHUTDOWN_TIMEOUT`.
+    pub shutdown_timeout: Option<Duration>,
+    /// `consumer.max_retry_attempts`: retries after a transient database error. Python: `DEFAULT_CONSUMER_MAX_RETRY_ATTEMPTS`.
+    pub max_retry_attempts: u32,
+    /// `consumer.retry_wait`: linear wait unit between those retries. Python: `DEFAULT_CONSUMER_RETRY_WAIT`.
+    pub retry_wait: Duration,
+}
+
+/// Deleting old rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetentionSettings {
+    /// `retention.days_to_keep`. Python: `DAYS_TO_KEEP_DATA`.
+    pub days_to_keep: u32,
+    /// `retention.remove_data_cache_ttl`: at most one cleanup per process per this period. Python: `REMOVE_DATA_CACHE_TTL`.
+    pub remove_data_cache_ttl: Duration,
+    /// `retention.batch_size`: rows deleted per statement.
+    pub batch_size: u32,
+}
+
+/// Every setting, with django-outbox-pattern's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    /// `[database]`
+    pub database: DatabaseSettings,
+    /// `[broker]`
+    pub broker: BrokerSettings,
+    /// `[relay]`
+    pub relay: RelaySettings,
+    /// `[consumer]`
+    pub consumer: ConsumerSettings,
+    /// `[retention]`
+    pub retention: RetentionSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database: DatabaseSettings {
+                url: None,
+                max_connections: 10,
+            },
+            broker: BrokerSettings {
+                url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+                heartbeat: 10,
+                maximum_backoff: Duration::from_secs(3600),
+                operation_timeout: Duration::from_secs(30),
+            },
+            relay: RelaySettings {
+                batch_size: 200,
+                max_retry_attempts: 50,
+                pause_for_retry: Duration::from_secs(240),
+                wait_retry: Duration::from_secs(60),
+                waiting_time: Duration::from_secs(1),
+                claim_lease: Duration::from_secs(60),
+                unroutable: Unroutable::Retry,
+                listen: true,
+                progress_interval: Duration::from_secs(10),
+            },
+            consumer: ConsumerSettings {
+                prefetch: 1,
+                concurrency: 1,
+                exclusive_queue: false,
+                shutdown_timeout: Some(Duration::from_secs(90)),
+                max_retry_attempts: 3,
+                retry_wait: Duration::from_secs(2),
+            },
+            retention: RetentionSettings {
+                days_to_keep: 30,
+                remove_data_cache_ttl: Duration::from_secs(86400),
+                batch_size: 1000,
+            },
+        }
+    }
+}
+
+type Setter = fn(&mut Settings, &str) -> std::result::Result<(), String>;
+
+/// Every key, its setter. The environment name is derived from the key.
+const KEYS: &[(&str, Setter)] = &[
+    ("database.url", |s, v| {
+        set_url(
+            &mut s.database.url,
+            v,
+            &["postgres", "postgresql", "mysql", "mariadb", "sqlite"],
+        )
+    }),
+    ("database.max_connections", |s, v| {
+        set_int(&mut s.database.max_connections, v, 1, 10_000)
+    }),
+    ("broker.url", |s, v| {
+        let mut url = None;
+        set_url(&mut url, v, &["amqp", "amqps"])?;
+        s.broker.url = url.unwrap_or_default();
+        Ok(())
+    }),
+    ("broker.heartbeat", |s, v| {
+        set_int(&mut s.broker.heartbeat, v, 0, 3600)
+    }),
+    ("broker.maximum_backoff", |s, v| {
+        set_secs(&mut s.broker.maximum_backoff, v)
+    }),
+    ("broker.operation_timeout", |s, v| {
+        set_positive_secs(&mut s.broker.operation_timeout, v)
+    }),
+    ("relay.batch_size", |s, v| {
+        set_int(&mut s.relay.batch_size, v, 1, 10_000)
+    }),
+    ("relay.max_retry_attempts", |s, v| {
+        set_int(&mut s.relay.max_retry_attempts, v, 1, 1_000_000)
+    }),
+    ("relay.pause_for_retry", |s, v| {
+        set_secs(&mut s.relay.pause_for_retry, v)
+    }),
+    ("relay.wait_retry", |s, v| {
+        set_secs(&mut s.relay.wait_retry, v)
+    }),
+    ("relay.waiting_time", |s, v| {
+        set_positive_secs(&mut s.relay.waiting_time, v)
+    }),
+    ("relay.claim_lease", |s, v| {
+        set_positive_secs(&mut s.relay.claim_lease, v)
+    }),
+    ("relay.unroutable", |s, v| {
+        s.relay.unroutable = match v {
+            "retry" => Unroutable::Retry,
+            "accept" => Unroutable::Accept,
+            _ => return Err("one of \"retry\", \"accept\"".to_owned()),
+        };
+        Ok(())
+    }),
+    ("relay.listen", |s, v| set_bool(&mut s.relay.listen, v)),
+    ("relay.progress_interval", |s, v| {
+        set_positive_secs(&mut s.relay.progress_interval, v)
+    }),
+    ("consumer.prefetch", |s, v| {
+        set_int(&mut s.consumer.prefetch, v, 1, 65_535)
+    }),
+    ("consumer.concurrency", |s, v| {
+        set_int(&mut s.consumer.concurrency, v, 1, 10_000)
+    }),
+    ("consumer.exclusive_queue", |s, v| {
+        set_bool(&mut s.consumer.exclusive_queue, v)
+    }),
+    ("consumer.shutdown_timeout", |s, v| {
+        if v == "none" {
+            s.consumer.shutdown_timeout = None;
+            return Ok(());
+        }
+        let mut d = Duration::ZERO;
+        set_secs(&mut d, v).map_err(|_| {
+            "seconds (0 or more, fractions allowed) or \"none\" to wait forever".to_owned()
+        })?;
+        s.consumer.shutdown_timeout = Some(d);
+        Ok(())
+    }),
+    ("consumer.max_retry_attempts", |s, v| {
+        set_int(&mut s.consumer.max_retry_attempts, v, 0, 1000)
+    }),
+    ("consumer.retry_wait", |s, v| {
+        set_secs(&mut s.consumer.retry_wait, v)
+    }),
+    ("retention.days_to_keep", |s, v| {
+        set_int(&mut s.retention.days_to_keep, v, 1, 36_500)
+    }),
+    ("retention.remove_data_cache_ttl", |s, v| {
+        set_secs(&mut s.retention.remove_data_cache_ttl, v)
+    }),
+    ("retention.batch_size", |s, v| {
+        set_int(&mut s.retention.batch_size, v, 1, 100_000)
+    }),
+];
+
+fn set_int<T: TryFrom<u64>>(
+    slot: &mut T,
+    value: &str,
+    min: u64,
+    max: u64,
+) -> std::result::Result<(), String> {
+    let allowed = || format!("a whole number from {min} to {max}");
+    let parsed: u64 = value.parse().map_err(|_| allowed())?;
+    if parsed < min || parsed > max {
+        return Err(allowed());
+    }
+    *slot = T::try_from(parsed).map_err(|_| allowed())?;
+    Ok(())
+}
+
+fn set_secs(slot: &mut Duration, value: &str) -> std::result::Result<(), String> {
+    let allowed = "seconds, 0 or more (fractions allowed, e.g. 0.5)";
+    let secs: f64 = value.parse().map_err(|_| allowed.to_owned())?;
+    *slot = Duration::try_from_secs_f64(secs).map_err(|_| allowed.to_owned())?;
+    Ok(())
+}
+
+fn set_positive_secs(slot: &mut Duration, value: &str) -> std::result::Result<(), String> {
+    let allowed = "seconds, more than 0 (fractions allowed, e.g. 0.5)";
+    let mut d = Duration::ZERO;
+    set_secs(&mut d, value).map_err(|_| allowed.to_owned())?;
+    if d.is_zero() {
+        return Err(allowed.to_owned());
+    }
+    *slot = d;
+    Ok(())
+}
+
+fn set_bool(slot: &mut bool, value: &str) -> std::result::Result<(), String> {
+    *slot = match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => true,
+        "false" | "0" | "no" => false,
+        _ => return Err("true or false".to_owned()),
+    };
+    Ok(())
+}
+
+fn set_url(
+    slot: &mut Option<String>,
+    value: &str,
+    schemes: &[&'static str],
+) -> std::result::Result<(), String> {
+    let scheme = value.split_once("://").map(|(scheme, _)| scheme);
+    match scheme {
+        Some(scheme) if schemes.contains(&scheme) => {
+            *slot = Some(value.to_owned());
+            Ok(())
+        }
+        _ if schemes.contains(&"amqp") => {
+            Err("a URL like amqp://user:password@host:5672/vhost (or amqps://)".to_owned())
+        }
+        _ => Err("a URL starting with postgres://, mysql:// or sqlite://".to_owned()),
+    }
+}
+
+impl Settings {
+    /// Load settings the way the CLI does: the file at `config`, else the one
+    /// named by `OUTBOX_CONFIG`, else `./outbox.toml` when present; then the
+    /// environment on top.
+    pub fn load(config: Option<&Path>) -> Result<Settings> {
+        let path: Option<PathBuf> = config
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("OUTBOX_CONFIG").map(PathBuf::from))
+            .or_else(|| Some(PathBuf::from("outbox.toml")).filter(|p| p.exists()));
+        let file = match &path {
+            Some(path) => Some((
+                path.display().to_string(),
+                std::fs::read_to_string(path).map_err(|source| Error::SettingsFile {
+                    path: path.display().to_string(),
+                    source: Box::new(source),
+                })?,
+            )),
+            None => None,
+        };
+        Settings::from_sources(
+            file.as_ref()
+                .map(|(name, text)| (name.as_str(), text.as_str())),
+            |name| std::env::var(name).ok(),
+        )
+    }
+
+    /// Defaults, overlaid by `file` (its name and TOML text), then by `env`.
+    pub fn from_sources(
+        file: Option<(&str, &str)>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings> {
+        let mut settings = Settings::default();
+        if let Some((name, text)) = file {
+            settings.apply_toml(name, text)?;
+        }
+        for (key, fallback) in [("database.url", "DATABASE_URL"), ("broker.url", "AMQP_URL")] {
+            if let Some(value) = env(fallback) {
+                settings.set(key, &value, fallback)?;
+            }
+        }
+        for (key, _) in KEYS {
+            let var = env_name(key);
+            if let Some(value) = env(&var) {
+                settings.set(key, &value, &var)?;
+            }
+        }
+        Ok(settings)
+    }
+
+    fn apply_toml(&mut self, file: &str, text: &str) -> Result<()> {
+        let table: toml::Table =
+            text.parse()
+                .map_err(|source: toml::de::Error| Error::SettingsFile {
+                    path: file.to_owned(),
+                    source: Box::new(source),
+                })?;
+        for (section, values) in &table {
+            let Some(values) = values.as_table() else {
+                return Err(self.unknown(section, file));
+            };
+            for (name, value) in values {
+                let key = format!("{section}.{name}");
+                let text = match value {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    other => other.to_string(),
+                };
+                if !KEYS.iter().any(|(k, _)| *k == key) {
+                    return Err(self.unknown(&key, file));
+                }
+                self.set(&key, &text, file)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn unknown(&self, key: &str, file: &str) -> Error {
+        Error::UnknownSetting {
+            key: key.to_owned(),
+            file: file.to_owned(),
+            known: KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", "),
+        }
+    }
+
+    /// Set one key from its text form; `source` names where it came from.
+    fn set(&mut self, key: &str, value: &str, source: &str) -> Result<()> {
+        let (_, setter) = KEYS
+            .iter()
+            .find(|(k, _)| *k == key)
+            .ok_or_else(|| self.unknown(key, source))?;
+        setter(self, value.trim()).map_err(|allowed| Error::InvalidSetting {
+            key: format!("{key} (from {source})"),
+            value: format!("{value:?}"),
+            allowed: format!("expected {allowed}"),
+        })
+    }
+
+    /// The database URL, or an error telling how to set it.
+    pub fn database_url(&self) -> Result<&str> {
+        self.database.url.as_deref().ok_or(Error::MissingSetting {
+            key: "database.url",
+            hint: "set DATABASE_URL (e.g. postgres://postgres@127.0.0.1/app or sqlite://outbox.db?mode=rwc) \
+                   or `url` under [database] in outbox.toml",
+        })
+    }
+
+    /// Every key with its environment variable, for documentation and `--help`.
+    pub fn keys() -> impl Iterator<Item = (&'static str, String)> {
+        KEYS.iter().map(|(key, _)| (*key, env_name(key)))
+    }
+}
+
+fn env_name(key: &str) -> String {
+    format!("OUTBOX_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn defaults_match_the_python_library() {
+        let s = Settings::default();
+        assert_eq!(s.relay.max_retry_attempts, 50);
+        assert_eq!(s.relay.pause_for_retry, Duration::from_secs(240));
+        assert_eq!(s.relay.wait_retry, Duration::from_secs(60));
+        assert_eq!(s.broker.maximum_backoff, Duration::from_secs(3600));
+        assert_eq!(s.relay.batch_size, 200);
+        assert_eq!(s.retention.days_to_keep, 30);
+        assert_eq!(s.consumer.prefetch, 1);
+        assert_eq!(s.consumer.shutdown_timeout, Some(Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn file_then_env() {
+        let file =
+            "[relay]\nbatch_size = 500\nwaiting_time = 0.25\n[database]\nurl = \"sqlite://a.db\"\n";
+        let s = Settings::from_sources(
+            Some(("outbox.toml", file)),
+            env(&[
+                ("OUTBOX_RELAY_BATCH_SIZE", "700"),
+                ("DATABASE_URL", "postgres://x/y"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.relay.batch_size, 700);
+        assert_eq!(s.relay.waiting_time, Duration::from_millis(250));
+        assert_eq!(s.database.url.as_deref(), Some("postgres://x/y"));
+        let s = Settings::from_sources(
+            None,
+            env(&[
+                ("DATABASE_URL", "postgres://x/y"),
+                ("OUTBOX_DATABASE_URL", "mysql://z/w"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.database.url.as_deref(), Some("mysql://z/w"));
+    }
+
+    #[test]
+    fn errors_name_key_value_and_what_is_allowed() {
+        let err = Settings::from_sources(None, env(&[("OUTBOX_RELAY_BATCH_SIZE", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("relay.batch_size"), "{err}");
+        assert!(err.contains("\"lots\""), "{err}");
+        assert!(err.contains("whole number"), "{err}");
+
+        let err = Settings::from_sources(Some(("outbox.toml", "[relay]\nbatch = 1\n")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown setting `relay.batch`"), "{err}");
+        assert!(err.contains("relay.batch_size"), "{err}");
+
+        let err = Settings::from_sources(None, env(&[("AMQP_URL", "localhost:5672")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker.url"), "{err}");
+        assert!(err.contains("amqp://"), "{err}");
+    }
+}

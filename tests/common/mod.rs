@@ -1,0 +1,163 @@
+//! Shared test helpers: a fresh database per test on the real servers.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod entities;
+
+use std::sync::Once;
+
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Schema};
+use uuid::Uuid;
+
+/// Which server a test database lives on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    MariaDb,
+    Sqlite,
+}
+
+pub const ALL_BACKENDS: [Backend; 3] = [Backend::Postgres, Backend::MariaDb, Backend::Sqlite];
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("OUTBOX_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn mariadb_admin_url() -> String {
+    std::env::var("OUTBOX_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn,outbox_core=info".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A database created for one test, dropped when the value is dropped.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pub db: DatabaseConnection,
+    name: String,
+    sqlite_dir: Option<std::path::PathBuf>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        init_tracing();
+        let name = format!("outbox_t_{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let (url, sqlite_dir) = match backend {
+            Backend::Postgres => {
+                let admin = Database::connect(postgres_admin_url())
+                    .await
+                    .expect("connect to PostgreSQL (is it running? see .ci/services)");
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create database");
+                (replace_db(&postgres_admin_url(), &name), None)
+            }
+            Backend::MariaDb => {
+                let admin = Database::connect(mariadb_admin_url())
+                    .await
+                    .expect("connect to MariaDB (is it running? see .ci/services)");
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create database");
+                (replace_db(&mariadb_admin_url(), &name), None)
+            }
+            Backend::Sqlite => {
+                let dir = std::env::temp_dir().join(&name);
+                std::fs::create_dir_all(&dir).expect("temp dir");
+                (
+                    format!("sqlite://{}?mode=rwc", dir.join("test.db").display()),
+                    Some(dir),
+                )
+            }
+        };
+        let db = connect(&url).await;
+        outbox_core::migrate(&db).await.expect("migrate");
+        TestDb {
+            backend,
+            url,
+            db,
+            name,
+            sqlite_dir,
+        }
+    }
+
+    /// Create the test entities' tables.
+    pub async fn create_entity_tables(&self) {
+        let backend = self.db.get_database_backend();
+        let schema = Schema::new(backend);
+        let statements = [
+            backend.build(&schema.create_table_from_entity(entities::order::Entity)),
+            backend.build(&schema.create_table_from_entity(entities::shipment::Entity)),
+        ];
+        for statement in statements {
+            self.db.execute_raw(statement).await.expect("create table");
+        }
+    }
+
+    pub fn is(&self, backend: DbBackend) -> bool {
+        self.db.get_database_backend() == backend
+    }
+}
+
+pub async fn connect(url: &str) -> DatabaseConnection {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options.max_connections(10).sqlx_logging(false);
+    Database::connect(options)
+        .await
+        .expect("connect to test database")
+}
+
+fn replace_db(url: &str, name: &str) -> String {
+    let base = url.rsplit_once('/').map_or(url, |(base, _)| base);
+    format!("{base}/{name}")
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.sqlite_dir {
+            let _ = std::fs::remove_dir_all(dir);
+            return;
+        }
+        let (admin, statement) = match self.backend {
+            Backend::Postgres => (
+                postgres_admin_url(),
+                format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ),
+            Backend::MariaDb => (
+                mariadb_admin_url(),
+                format!("DROP DATABASE IF EXISTS {}", self.name),
+            ),
+            Backend::Sqlite => return,
+        };
+        // Drop runs outside async context: use a throwaway runtime on another thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let admin = Database::connect(admin).await.ok()?;
+                admin.execute_unprepared(&statement).await.ok()
+            })
+        })
+        .join();
+    }
+}
