@@ -1,1 +1,66 @@
-//! stub
+//! `outbox-cli`: the commands over `outbox-core`.
+//!
+//! A service that owns callbacks builds its own binary that calls
+//! [`main`], so `subscribe` finds the callbacks linked into it:
+//!
+//! ```ignore
+//! #[outbox_core::callback]
+//! async fn on_order(payload: outbox_core::Payload) -> outbox_core::CallbackResult { .. }
+//!
+//! fn main() { outbox_cli::main() }
+//! ```
+//!
+//! This crate's API exists for that binary and is not semver-stable otherwise.
+
+mod cli;
+mod commands;
+mod signals;
+
+pub use cli::{Cli, Command};
+
+use clap::Parser;
+
+/// Parse the command line, run the command, print the error chain and exit
+/// non-zero on failure.
+pub fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.json_logs);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(err) = runtime.block_on(run(cli)) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Run one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = outbox_core::Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Migrate => commands::migrate(&settings).await,
+        Command::Publish(args) => commands::publish(settings, args).await,
+        Command::Subscribe(args) => commands::subscribe(settings, args).await,
+        Command::Callbacks => commands::callbacks(),
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

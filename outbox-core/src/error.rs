@@ -34,13 +34,22 @@ pub enum Error {
 
     /// A destination string is not one RabbitMQ's STOMP plugin understands.
     #[error(
-        "invalid destination `{destination}`: {reason}; use /topic/<routing-key>, \
-         /exchange/<exchange>/<routing-key>, /queue/<queue>, /amq/queue/<queue> or a bare queue name"
+        "invalid destination `{destination}`: {reason}; {}",
+        crate::destination::rules::ADVICE
     )]
     InvalidDestination {
         /// The destination as given.
         destination: String,
         /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A message version that cannot be appended to a destination.
+    #[error("invalid version {version:?}: {reason}")]
+    InvalidVersion {
+        /// The version as given.
+        version: String,
+        /// What is allowed.
         reason: &'static str,
     },
 

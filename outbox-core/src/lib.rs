@@ -37,6 +37,9 @@
 #![deny(clippy::print_stdout, clippy::print_stderr, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod backoff;
+mod broker;
+mod connect;
 mod correlation;
 mod destination;
 mod encode;
@@ -44,22 +47,31 @@ pub mod entity;
 mod error;
 pub mod headers;
 mod message;
+mod metrics;
 mod migration;
 mod publish;
+mod relay;
+mod retention;
 mod settings;
+mod shutdown;
 mod status;
 
+pub use broker::{Broker, Outcome, Outgoing, QueueDeclaration, declare_subscription};
+pub use connect::connect;
 pub use correlation::{correlation_id, with_correlation_id};
 pub use destination::{Destination, Kind as DestinationKind, MAX_DESTINATION_LEN};
 pub use encode::BodyValue;
 pub use error::{BoxError, Error, Result, report};
 pub use message::Message;
+pub use metrics::{Histogram, Metrics};
 pub use migration::{NOTIFY_CHANNEL, migrate};
 pub use publish::{Publish, PublishExt, emit, insert, save, update, write, write_all};
+pub use relay::{Relay, RelayReport};
 pub use settings::{
     BrokerSettings, ConsumerSettings, DatabaseSettings, RelaySettings, RetentionSettings, Settings,
     Unroutable,
 };
+pub use shutdown::{Shutdown, ShutdownTrigger, shutdown_channel};
 pub use status::Status;
 
 #[cfg(feature = "derive")]

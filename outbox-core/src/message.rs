@@ -46,17 +46,8 @@ impl Message {
     /// Append `.<version>` to the destination (once) and store the version.
     pub fn with_version(mut self, version: impl Into<String>) -> Result<Self> {
         let version = version.into();
-        if version.is_empty()
-            || version.len() > 100
-            || version.contains(['/', '%'])
-            || version.chars().any(char::is_whitespace)
-        {
-            return Err(Error::InvalidSetting {
-                key: "version".to_owned(),
-                value: format!("{version:?}"),
-                allowed: "1 to 100 characters without whitespace, `/` or `%`, e.g. \"v1\""
-                    .to_owned(),
-            });
+        if let Err(reason) = crate::destination::rules::check_version(&version) {
+            return Err(Error::InvalidVersion { version, reason });
         }
         self.destination = self.base.with_version(&version)?;
         self.version = Some(version);

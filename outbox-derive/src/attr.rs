@@ -15,13 +15,19 @@ pub(crate) struct PublishAttr<'a> {
     pub(crate) original: &'a Attribute,
     pub(crate) destination: Option<LitStr>,
     pub(crate) fields: Option<FieldList>,
-    pub(crate) serializer: Option<Path>,
+    pub(crate) serializer: Option<Serializer>,
     pub(crate) version: Option<LitStr>,
+}
+
+/// `serializer = to_event` (a method) or `serializer = path::to_fn`.
+pub(crate) struct Serializer {
+    /// The `serializer` key, so errors can cover `serializer = ...`.
+    pub(crate) key: Ident,
+    pub(crate) path: Path,
 }
 
 /// `fields = [a, b]` (or `["a", "b"]`): the names with their spans.
 pub(crate) struct FieldList {
-    pub(crate) key_span: Span,
     pub(crate) names: Vec<(String, Span)>,
 }
 
@@ -62,37 +68,62 @@ impl<'a> PublishAttr<'a> {
                 .unwrap_or_default();
             let duplicate = |present: bool| {
                 if present {
-                    Err(meta.error(format_args!("duplicate `{key}` in #[publish(...)]")))
+                    Err(meta.error(format_args!(
+                        "duplicate `{key}` in #[publish(...)]; give each key once, and add \
+                         another #[publish(...)] attribute to emit a second message"
+                    )))
                 } else {
                     Ok(())
+                }
+            };
+            let string = |example: &str| -> syn::Result<LitStr> {
+                let input = meta.value()?;
+                if input.peek(LitStr) {
+                    input.parse()
+                } else {
+                    Err(input.error(format_args!(
+                        "`{key}` takes a string literal, e.g. {key} = \"{example}\""
+                    )))
                 }
             };
             match key.as_str() {
                 DESTINATION => {
                     duplicate(parsed.destination.is_some())?;
-                    parsed.destination = Some(meta.value()?.parse()?);
+                    parsed.destination = Some(string("/topic/orders")?);
                 }
                 VERSION => {
                     duplicate(parsed.version.is_some())?;
-                    parsed.version = Some(meta.value()?.parse()?);
+                    parsed.version = Some(string("v1")?);
                 }
                 SERIALIZER => {
                     duplicate(parsed.serializer.is_some())?;
+                    let key = meta.path.get_ident().cloned().unwrap_or_else(|| {
+                        Ident::new(SERIALIZER, Span::call_site())
+                    });
                     let input = meta.value()?;
                     // Accept `serializer = to_event` and `serializer = "to_event"`.
-                    parsed.serializer = Some(if input.peek(LitStr) {
-                        input.parse::<LitStr>()?.parse()?
+                    let path = if input.peek(LitStr) {
+                        input.parse::<LitStr>()?.parse()
                     } else {
-                        input.parse()?
-                    });
+                        input.parse()
+                    };
+                    let path = path.map_err(|err| {
+                        syn::Error::new(
+                            err.span(),
+                            "`serializer` takes a method name or a path to a function taking \
+                             `&Model`, e.g. serializer = to_event or serializer = events::order",
+                        )
+                    })?;
+                    parsed.serializer = Some(Serializer { key, path });
                 }
                 FIELDS => {
                     duplicate(parsed.fields.is_some())?;
-                    let key_span = meta
-                        .path
-                        .get_ident()
-                        .map_or_else(Span::call_site, Ident::span);
                     let input = meta.value()?;
+                    if !input.peek(syn::token::Bracket) {
+                        return Err(input.error(
+                            "`fields` takes a list of field names in brackets, e.g. fields = [customer, total]",
+                        ));
+                    }
                     let content;
                     bracketed!(content in input);
                     let names = Punctuated::<FieldName, Token![,]>::parse_terminated(&content)?
@@ -102,11 +133,11 @@ impl<'a> PublishAttr<'a> {
                             FieldName::Lit(lit) => (lit.value(), lit.span()),
                         })
                         .collect();
-                    parsed.fields = Some(FieldList { key_span, names });
+                    parsed.fields = Some(FieldList { names });
                 }
                 _ => {
                     return Err(meta.error(format_args!(
-                        "unknown publish attribute `{}`; expected one of: {}",
+                        "unknown key `{}` in #[publish(...)]; expected one of: {}",
                         path_text(&meta.path),
                         KEYS.join(", ")
                     )));

@@ -44,6 +44,7 @@ fn message(input: &Input<'_>, publish: &PublishAttr<'_>) -> TokenStream {
         .unwrap_or_default();
     let body = match &publish.serializer {
         Some(serializer) => {
+            let serializer = &serializer.path;
             // A bare name is a method on the model; a path is a function taking `&Model`.
             let call = match serializer.get_ident() {
                 Some(method) => quote_spanned!(method.span()=> self.#method()),

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use syn::spanned::Spanned as _;
+use quote::quote;
 
 use crate::ast::Input;
 use crate::destination::{check_destination, check_version};
@@ -40,13 +40,13 @@ impl Input<'_> {
             {
                 errors.push(syn::Error::new(version.span(), message));
             }
-            if let (Some(fields), Some(serializer)) = (&publish.fields, &publish.serializer) {
-                let mut err = syn::Error::new(
-                    serializer.span(),
-                    "`serializer` cannot be combined with `fields`: the serializer builds the whole body; remove one of them",
-                );
-                err.combine(syn::Error::new(fields.key_span, "`fields` given here"));
-                errors.push(err);
+            if let (Some(_), Some(serializer)) = (&publish.fields, &publish.serializer) {
+                let (key, path) = (&serializer.key, &serializer.path);
+                errors.push(syn::Error::new_spanned(
+                    quote!(#key #path),
+                    "`serializer` cannot be combined with `fields` in one #[publish(...)]: \
+                     the serializer builds the whole body; remove `fields` or `serializer`",
+                ));
             }
             if let Some(fields) = &publish.fields {
                 let mut seen = BTreeSet::new();
@@ -63,7 +63,7 @@ impl Input<'_> {
                     } else if !seen.insert(name.as_str()) {
                         errors.push(syn::Error::new(
                             *span,
-                            format!("duplicate field `{name}` in `fields`"),
+                            format!("duplicate field `{name}` in `fields`; list each field once"),
                         ));
                     }
                 }

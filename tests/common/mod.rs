@@ -1,6 +1,7 @@
 //! Shared test helpers: a fresh database per test on the real servers.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod amqp;
 pub mod entities;
 
 use std::sync::Once;
@@ -160,4 +161,47 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// Settings for a test: this database, the local broker, quick retries.
+pub fn settings(url: &str) -> outbox_core::Settings {
+    let mut settings = outbox_core::Settings::default();
+    settings.database.url = Some(url.to_owned());
+    settings.broker.url = amqp_url();
+    settings.broker.operation_timeout = std::time::Duration::from_secs(10);
+    settings.relay.waiting_time = std::time::Duration::from_millis(100);
+    settings
+}
+
+/// Write `n` messages to `destination` with bodies `{"n": i}`.
+pub async fn write_messages(db: &DatabaseConnection, destination: &str, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let messages = chunk
+            .iter()
+            .map(|i| {
+                outbox_core::Message::new(destination, serde_json::json!({ "n": i }))
+                    .expect("message")
+            })
+            .collect();
+        let rows = outbox_core::write_all(db, messages).await.expect("write");
+        ids.extend(rows.into_iter().map(|r| r.id));
+    }
+    ids
+}
+
+/// Rows per status.
+pub async fn status_counts(db: &DatabaseConnection) -> std::collections::BTreeMap<i32, u64> {
+    use outbox_core::entity::published;
+    use sea_orm::{EntityTrait, QuerySelect, sea_query::Expr};
+    let rows: Vec<(i32, i64)> = published::Entity::find()
+        .select_only()
+        .column(published::Column::Status)
+        .column_as(Expr::cust("COUNT(*)"), "n")
+        .group_by(published::Column::Status)
+        .into_tuple()
+        .all(db)
+        .await
+        .expect("status counts");
+    rows.into_iter().map(|(s, n)| (s, n as u64)).collect()
 }

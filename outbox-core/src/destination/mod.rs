@@ -10,10 +10,13 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub(crate) mod rules;
+
 use crate::{Error, Result};
+use rules::Endpoint;
 
 /// The longest destination the `published.destination` column holds.
-pub const MAX_DESTINATION_LEN: usize = 255;
+pub const MAX_DESTINATION_LEN: usize = rules::MAX_LEN;
 
 /// A parsed destination.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -101,77 +104,15 @@ impl Destination {
 }
 
 fn parse_kind(destination: &str) -> std::result::Result<Kind, &'static str> {
-    if destination.is_empty() {
-        return Err("it is empty");
-    }
-    if destination.len() > MAX_DESTINATION_LEN {
-        return Err("it is longer than 255 bytes");
-    }
-    if destination.chars().any(char::is_whitespace) {
-        return Err("it contains whitespace");
-    }
-    let name = |rest: &str, what: &'static str| -> std::result::Result<String, &'static str> {
-        if rest.is_empty() {
-            Err(what)
-        } else {
-            unescape(rest)
-        }
-    };
-    if let Some(rest) = destination.strip_prefix("/topic/") {
-        return Ok(Kind::Topic {
-            routing_key: name(rest, "the routing key after /topic/ is empty")?,
-        });
-    }
-    if let Some(rest) = destination.strip_prefix("/exchange/") {
-        let (exchange, routing_key) = match rest.split_once('/') {
-            Some((exchange, routing_key)) => (exchange, unescape(routing_key)?),
-            None => (rest, String::new()),
-        };
-        return Ok(Kind::Exchange {
-            exchange: name(exchange, "the exchange name after /exchange/ is empty")?,
+    Ok(match rules::parse(destination)? {
+        Endpoint::Topic(routing_key) => Kind::Topic { routing_key },
+        Endpoint::Exchange(exchange, routing_key) => Kind::Exchange {
+            exchange,
             routing_key,
-        });
-    }
-    if let Some(rest) = destination.strip_prefix("/amq/queue/") {
-        return Ok(Kind::AmqQueue {
-            name: name(rest, "the queue name after /amq/queue/ is empty")?,
-        });
-    }
-    if let Some(rest) = destination.strip_prefix("/queue/") {
-        return Ok(Kind::Queue {
-            name: name(rest, "the queue name after /queue/ is empty")?,
-        });
-    }
-    if destination.contains('/') {
-        return Err("unknown destination prefix");
-    }
-    Ok(Kind::Queue {
-        name: unescape(destination)?,
+        },
+        Endpoint::Queue(name) => Kind::Queue { name },
+        Endpoint::AmqQueue(name) => Kind::AmqQueue { name },
     })
-}
-
-/// RabbitMQ's STOMP plugin percent-decodes names (`%2F` is a `/`).
-fn unescape(text: &str) -> std::result::Result<String, &'static str> {
-    if !text.contains('%') {
-        return Ok(text.to_owned());
-    }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or("a % is not followed by two hex digits")?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "percent-escapes do not decode to UTF-8")
 }
 
 impl fmt::Display for Destination {

@@ -1,0 +1,355 @@
+//! Publishing with pipelined publisher confirms over lapin.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tracing::{debug, warn};
+
+use crate::settings::BrokerSettings;
+use crate::{Destination, DestinationKind, Error, Result};
+
+/// Run a broker call with the `operation_timeout`: lapin futures can hang
+/// when a broker dies mid-operation.
+pub(crate) async fn with_timeout<T, F>(
+    timeout: Duration,
+    operation: &'static str,
+    future: F,
+) -> Result<T>
+where
+    F: Future<Output = lapin::Result<T>>,
+{
+    match tokio::time::timeout(timeout, future).await {
+        Ok(result) => result.map_err(Error::from),
+        Err(_) => Err(Error::BrokerTimeout { operation, timeout }),
+    }
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    /// Where it goes.
+    pub destination: &'a Destination,
+    /// The body bytes (UTF-8 JSON).
+    pub body: &'a [u8],
+    /// Headers, sent as AMQP long strings (what the STOMP plugin turns into STOMP headers).
+    pub headers: &'a BTreeMap<String, String>,
+}
+
+/// What the broker said about one published message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Confirmed: the broker took responsibility for it.
+    Confirmed,
+    /// Confirmed, but returned as unroutable: no queue is bound.
+    Returned(String),
+    /// Refused by the broker (nack), or refused before sending (e.g. the exchange does not exist).
+    Rejected(String),
+}
+
+/// How long a positive "this exchange/queue exists" check is trusted.
+const TOPOLOGY_CACHE: Duration = Duration::from_secs(30);
+
+/// A connection to RabbitMQ with a confirm-mode channel for publishing and a
+/// second channel for topology checks (a failed passive declare closes its
+/// channel; it must not be the publishing one).
+#[derive(Debug)]
+pub struct Broker {
+    connection: Connection,
+    publish: Channel,
+    topology: Channel,
+    timeout: Duration,
+    checked: HashMap<String, Instant>,
+}
+
+impl Broker {
+    /// Connect, open the channels and enable publisher confirms.
+    pub async fn connect(settings: &BrokerSettings, name: &str) -> Result<Broker> {
+        let timeout = settings.operation_timeout;
+        let url = with_heartbeat(&settings.url, settings.heartbeat);
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection =
+            with_timeout(timeout, "connect", Connection::connect(&url, properties)).await?;
+        let publish = with_timeout(timeout, "channel.open", connection.create_channel()).await?;
+        with_timeout(
+            timeout,
+            "confirm.select",
+            publish.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        let topology = with_timeout(timeout, "channel.open", connection.create_channel()).await?;
+        debug!(name, "connected to the broker");
+        Ok(Broker {
+            connection,
+            publish,
+            topology,
+            timeout,
+            checked: HashMap::new(),
+        })
+    }
+
+    /// The underlying connection (for consumers, which open their own channels).
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// Whether the connection is still usable.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.publish.status().connected()
+    }
+
+    /// Publish `messages` persistent and mandatory, all frames first, then
+    /// wait for every confirm. One outcome per message, in order.
+    ///
+    /// An `Err` means the connection failed: outcomes are unknown and the
+    /// caller must not count attempts against the messages.
+    pub async fn publish(&mut self, messages: &[Outgoing<'_>]) -> Result<Vec<Outcome>> {
+        let refused = self.check_destinations(messages).await?;
+        let mut pending = Vec::with_capacity(messages.len());
+        for (message, refused) in messages.iter().zip(&refused) {
+            if let Some(reason) = refused {
+                pending.push(Err(reason.clone()));
+                continue;
+            }
+            let confirm = with_timeout(
+                self.timeout,
+                "basic.publish",
+                self.publish.basic_publish(
+                    ShortString::from(message.destination.exchange()),
+                    ShortString::from(message.destination.routing_key()),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    message.body,
+                    properties(message.headers),
+                ),
+            )
+            .await?;
+            pending.push(Ok(confirm));
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut outcomes = Vec::with_capacity(pending.len());
+        for item in pending {
+            let outcome = match item {
+                Err(reason) => Outcome::Rejected(reason),
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                    Err(_) => {
+                        return Err(Error::BrokerTimeout {
+                            operation: "publisher confirm",
+                            timeout: self.timeout,
+                        });
+                    }
+                    Ok(confirmation) => match confirmation? {
+                        Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Confirmed,
+                        Confirmation::Ack(Some(returned)) => Outcome::Returned(format!(
+                            "unroutable: the broker returned it ({} {}); bind a queue to the destination",
+                            returned.reply_code, returned.reply_text
+                        )),
+                        Confirmation::Nack(_) => {
+                            Outcome::Rejected("the broker refused the message (nack)".to_owned())
+                        }
+                    },
+                },
+            };
+            outcomes.push(outcome);
+        }
+        Ok(outcomes)
+    }
+
+    /// Make sure each message's exchange or queue is there before publishing:
+    /// publishing to a missing exchange would close the channel and look like
+    /// an outage. `/queue/<q>` destinations are declared durable when missing,
+    /// as the STOMP plugin does. Returns, per message, why it cannot be sent.
+    async fn check_destinations(
+        &mut self,
+        messages: &[Outgoing<'_>],
+    ) -> Result<Vec<Option<String>>> {
+        let mut problems: HashMap<String, Option<String>> = HashMap::new();
+        let mut result = Vec::with_capacity(messages.len());
+        for message in messages {
+            let key = topology_key(message.destination);
+            let problem = match key {
+                None => None,
+                Some(key) => {
+                    if let Some(problem) = problems.get(&key) {
+                        problem.clone()
+                    } else {
+                        let problem = self.check(message.destination, &key).await?;
+                        problems.insert(key, problem.clone());
+                        problem
+                    }
+                }
+            };
+            result.push(problem);
+        }
+        Ok(result)
+    }
+
+    async fn check(&mut self, destination: &Destination, key: &str) -> Result<Option<String>> {
+        if self
+            .checked
+            .get(key)
+            .is_some_and(|at| at.elapsed() < TOPOLOGY_CACHE)
+        {
+            return Ok(None);
+        }
+        let exists = match destination.kind() {
+            DestinationKind::Exchange { exchange, .. } => {
+                passive(
+                    &self.connection,
+                    self.timeout,
+                    self.topology.exchange_declare(
+                        exchange.as_str().into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    ),
+                )
+                .await?
+            }
+            DestinationKind::Queue { name } | DestinationKind::AmqQueue { name } => {
+                passive(
+                    &self.connection,
+                    self.timeout,
+                    self.topology.queue_declare(
+                        name.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    ),
+                )
+                .await?
+            }
+            DestinationKind::Topic { .. } => true,
+        };
+        if !exists {
+            // The refused passive declare closed the topology channel.
+            self.topology = with_timeout(
+                self.timeout,
+                "channel.open",
+                self.connection.create_channel(),
+            )
+            .await?;
+        }
+        let exists = match destination.kind() {
+            DestinationKind::Queue { name } if !exists => {
+                with_timeout(
+                    self.timeout,
+                    "queue.declare",
+                    self.topology.queue_declare(
+                        name.as_str().into(),
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    ),
+                )
+                .await?;
+                debug!(queue = %name, "declared durable queue for a /queue destination");
+                true
+            }
+            _ => exists,
+        };
+        if exists {
+            self.checked.insert(key.to_owned(), Instant::now());
+            Ok(None)
+        } else {
+            let what = match destination.kind() {
+                DestinationKind::Exchange { exchange, .. } => format!("exchange `{exchange}`"),
+                _ => format!("queue `{}`", destination.routing_key()),
+            };
+            warn!(destination = %destination, "{what} does not exist");
+            Ok(Some(format!(
+                "{what} does not exist on the broker; create it or fix the destination `{destination}`"
+            )))
+        }
+    }
+
+    /// Close the connection politely.
+    pub async fn close(self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.connection.close(200, "bye".into()),
+        )
+        .await;
+    }
+}
+
+/// A passive declare: `Ok(false)` when the broker refuses it (404, which
+/// closes the channel), `Err` when the connection itself failed. lapin may
+/// report the refusal as the channel's closed state rather than the 404, so
+/// the connection's health decides.
+async fn passive<T>(
+    connection: &Connection,
+    timeout: Duration,
+    declare: impl Future<Output = lapin::Result<T>>,
+) -> Result<bool> {
+    match with_timeout(timeout, "passive declare", declare).await {
+        Ok(_) => Ok(true),
+        Err(Error::Broker(err)) if is_not_found(&err) => Ok(false),
+        Err(Error::Broker(_)) if connection.status().connected() => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
+fn topology_key(destination: &Destination) -> Option<String> {
+    match destination.kind() {
+        DestinationKind::Topic { .. } => None,
+        DestinationKind::Exchange { exchange, .. } if exchange.starts_with("amq.") => None,
+        DestinationKind::Exchange { exchange, .. } => Some(format!("e:{exchange}")),
+        DestinationKind::Queue { name } | DestinationKind::AmqQueue { name } => {
+            Some(format!("q:{name}"))
+        }
+    }
+}
+
+fn is_not_found(err: &lapin::Error) -> bool {
+    matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
+        || err.to_string().contains("NOT_FOUND")
+}
+
+/// Persistent JSON with every header as a long string (spec §8.5-A), plus
+/// `message_id`/`correlation_id` for plain AMQP consumers.
+fn properties(headers: &BTreeMap<String, String>) -> BasicProperties {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        table.insert(
+            ShortString::from(name.as_str()),
+            AMQPValue::LongString(LongString::from(value.as_str())),
+        );
+    }
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_headers(table);
+    if let Some(id) = headers.get(crate::headers::MSG_ID) {
+        properties = properties.with_message_id(id.as_str().into());
+    }
+    if let Some(id) = headers.get(crate::headers::CORRELATION_ID) {
+        properties = properties.with_correlation_id(id.as_str().into());
+    }
+    properties
+}
+
+/// Add `heartbeat=<secs>` to the URL unless it sets one.
+fn with_heartbeat(url: &str, heartbeat: u16) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_owned();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}heartbeat={heartbeat}")
+}

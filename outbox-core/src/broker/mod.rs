@@ -1,0 +1,8 @@
+//! The broker side: one lapin connection with a confirm-mode channel.
+
+mod amqp;
+mod topology;
+
+pub(crate) use amqp::with_timeout;
+pub use amqp::{Broker, Outcome, Outgoing};
+pub use topology::{QueueDeclaration, declare_subscription};

@@ -1,0 +1,159 @@
+//! Counters, gauges and histograms for the relay and the consumer, rendered
+//! in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Record one observation.
+    pub fn observe(&self, value: Duration) {
+        let secs = value.as_secs_f64();
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(value.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How many observations.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Everything the relay and the consumer count. Cheap to update from hot paths.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Rows confirmed by the broker.
+    pub published: AtomicU64,
+    /// Rows that reached FAILED.
+    pub failed: AtomicU64,
+    /// Failed attempts that will be retried.
+    pub retried: AtomicU64,
+    /// Schedulable rows at the last check.
+    pub backlog: AtomicU64,
+    /// Age in milliseconds of the oldest schedulable row at the last check.
+    pub oldest_pending_ms: AtomicU64,
+    /// Row creation to broker confirm.
+    pub publish_latency: Histogram,
+    /// Messages the consumer handled (saved or duplicate), acked.
+    pub consumed: AtomicU64,
+    /// Duplicates acked without running the callback.
+    pub duplicates: AtomicU64,
+    /// Messages the consumer sent to the dead-letter queue.
+    pub dead_lettered: AtomicU64,
+    /// Callback duration, including its transaction.
+    pub handle_latency: Histogram,
+}
+
+impl Metrics {
+    /// Add `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Read a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters = [
+            (
+                "outbox_published_total",
+                "Outbox rows confirmed by the broker.",
+                &self.published,
+            ),
+            (
+                "outbox_failed_total",
+                "Outbox rows that reached FAILED.",
+                &self.failed,
+            ),
+            (
+                "outbox_retried_total",
+                "Failed publish attempts that will be retried.",
+                &self.retried,
+            ),
+            (
+                "outbox_consumed_total",
+                "Messages handled and acknowledged by the consumer.",
+                &self.consumed,
+            ),
+            (
+                "outbox_duplicates_total",
+                "Duplicate messages acknowledged without running the callback.",
+                &self.duplicates,
+            ),
+            (
+                "outbox_dead_lettered_total",
+                "Messages rejected to the dead-letter queue.",
+                &self.dead_lettered,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                Self::get(value)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP outbox_backlog Schedulable outbox rows.\n# TYPE outbox_backlog gauge\noutbox_backlog {}",
+            Self::get(&self.backlog)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outbox_oldest_pending_age_seconds Age of the oldest schedulable outbox row.\n\
+             # TYPE outbox_oldest_pending_age_seconds gauge\noutbox_oldest_pending_age_seconds {}",
+            Self::get(&self.oldest_pending_ms) as f64 / 1000.0
+        );
+        self.publish_latency.render(
+            &mut out,
+            "outbox_publish_latency_seconds",
+            "Time from outbox row creation to broker confirm.",
+        );
+        self.handle_latency.render(
+            &mut out,
+            "outbox_handle_latency_seconds",
+            "Time to run a callback and commit its transaction.",
+        );
+        out
+    }
+}

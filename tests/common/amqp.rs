@@ -1,0 +1,164 @@
+//! A plain lapin client for checking what reaches RabbitMQ.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use super::amqp_url;
+
+/// A message as a test sees it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub routing_key: String,
+    pub body: serde_json::Value,
+    pub headers: BTreeMap<String, String>,
+    pub delivery_mode: Option<u8>,
+    pub content_type: Option<String>,
+    pub message_id: Option<String>,
+}
+
+pub struct TestBroker {
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl TestBroker {
+    pub async fn connect() -> TestBroker {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ (is it running? see .ci/services)");
+        let channel = connection.create_channel().await.expect("channel");
+        TestBroker {
+            connection,
+            channel,
+        }
+    }
+
+    /// A fresh non-durable queue bound to `exchange` with `routing_key`.
+    pub async fn bound_queue(&self, exchange: &str, routing_key: &str) -> String {
+        let name = format!("test.{}", uuid::Uuid::new_v4().simple());
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: false,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare test queue");
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind test queue");
+        name
+    }
+
+    pub async fn delete_queue(&self, name: &str) {
+        let _ = self
+            .channel
+            .queue_delete(name.into(), QueueDeleteOptions::default())
+            .await;
+    }
+
+    /// Messages waiting in `queue`.
+    pub async fn message_count(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        q.message_count()
+    }
+
+    /// Consume until `expected` messages arrived or `idle` passes with none.
+    pub async fn take(&self, queue: &str, expected: usize, idle: Duration) -> Vec<Received> {
+        let channel = self.connection.create_channel().await.expect("channel");
+        channel
+            .basic_qos(1000, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut out = Vec::new();
+        while out.len() < expected {
+            let Ok(Some(delivery)) = tokio::time::timeout(idle, consumer.next()).await else {
+                break;
+            };
+            let delivery = delivery.expect("delivery");
+            out.push(Received {
+                routing_key: delivery.routing_key.to_string(),
+                body: serde_json::from_slice(&delivery.data).unwrap_or(serde_json::Value::Null),
+                headers: long_strings(delivery.properties.headers().as_ref()),
+                delivery_mode: *delivery.properties.delivery_mode(),
+                content_type: delivery
+                    .properties
+                    .content_type()
+                    .as_ref()
+                    .map(|s| s.to_string()),
+                message_id: delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string()),
+            });
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+        }
+        let _ = channel.close(200, "done".into()).await;
+        out
+    }
+}
+
+/// Every header that is an AMQP long string; panics on another type, because
+/// the STOMP plugin would silently drop it.
+pub fn long_strings(table: Option<&FieldTable>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(table) = table {
+        for (key, value) in table.inner() {
+            match value {
+                AMQPValue::LongString(s) => {
+                    out.insert(
+                        key.to_string(),
+                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    );
+                }
+                other => panic!(
+                    "header {key} is {other:?}, not a long string: STOMP subscribers would never see it"
+                ),
+            }
+        }
+    }
+    out
+}
