@@ -12,6 +12,7 @@
 //!
 //! This crate's API exists for that binary and is not semver-stable otherwise.
 
+pub mod callbacks;
 mod cli;
 mod commands;
 mod signals;

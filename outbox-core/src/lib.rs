@@ -39,7 +39,9 @@
 
 mod backoff;
 mod broker;
+mod callback;
 mod connect;
+mod consumer;
 mod correlation;
 mod destination;
 mod encode;
@@ -57,7 +59,9 @@ mod shutdown;
 mod status;
 
 pub use broker::{Broker, Outcome, Outgoing, QueueDeclaration, declare_subscription};
+pub use callback::{Callback, CallbackFuture, CallbackResult, find_callback, registered_callbacks};
 pub use connect::connect;
+pub use consumer::{Consumer, ConsumerReport, Handled, Payload};
 pub use correlation::{correlation_id, with_correlation_id};
 pub use destination::{Destination, Kind as DestinationKind, MAX_DESTINATION_LEN};
 pub use encode::BodyValue;
@@ -75,7 +79,7 @@ pub use shutdown::{Shutdown, ShutdownTrigger, shutdown_channel};
 pub use status::Status;
 
 #[cfg(feature = "derive")]
-pub use outbox_derive::Publish;
+pub use outbox_derive::{Publish, callback};
 
 // Lets the derive's `::outbox_core::..` paths resolve inside this crate's own tests.
 extern crate self as outbox_core;
@@ -83,8 +87,10 @@ extern crate self as outbox_core;
 /// Not public API: what generated code refers to.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::callback::{CallbackEntry, CallbackFuture};
     pub use crate::encode::{Encoder, ViaBodyValue, ViaSerialize};
     pub use crate::publish::emit_for_hook;
+    pub use inventory;
     pub use sea_orm;
     pub use serde_json;
 

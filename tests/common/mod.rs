@@ -205,3 +205,31 @@ pub async fn status_counts(db: &DatabaseConnection) -> std::collections::BTreeMa
         .expect("status counts");
     rows.into_iter().map(|(s, n)| (s, n as u64)).collect()
 }
+
+/// Poll `check` every 50 ms until it is true or `limit` passes.
+pub async fn eventually<F, Fut>(limit: std::time::Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Rows in `received`.
+pub async fn received_count(db: &DatabaseConnection) -> u64 {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    outbox_core::entity::received::Entity::find()
+        .count(db)
+        .await
+        .expect("count received")
+}
