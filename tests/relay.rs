@@ -243,3 +243,42 @@ async fn two_relays_never_send_twice() {
     );
     broker.delete_queue(&queue).await;
 }
+
+/// The direct-send API: confirmed, with dop-* headers, and an error when nobody can receive it.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_send_is_confirmed_or_refused() {
+    let broker = TestBroker::connect().await;
+    let rk = key();
+    let queue = broker.bound_queue("amq.topic", &rk).await;
+    let settings = common::settings("sqlite::memory:");
+    let mut direct = outbox_core::Broker::connect(&settings.broker, "direct-send-test")
+        .await
+        .unwrap();
+
+    let message = outbox_core::Message::new(
+        &format!("/topic/{rk}"),
+        serde_json::json!({"hello": "world"}),
+    )
+    .unwrap();
+    let id = outbox_core::with_correlation_id("corr-1", direct.send(&message))
+        .await
+        .unwrap();
+    let received = broker.take(&queue, 1, Duration::from_secs(3)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].headers[headers::MSG_ID], id.to_string());
+    assert_eq!(received[0].headers[headers::CORRELATION_ID], "corr-1");
+    assert_eq!(received[0].body, serde_json::json!({"hello": "world"}));
+
+    let nowhere = outbox_core::Message::new(
+        &format!("/topic/nobody.{}", Uuid::new_v4().simple()),
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let err = direct.send(&nowhere).await.unwrap_err().to_string();
+    assert!(
+        err.contains("not delivered") && err.contains("unroutable"),
+        "{err}"
+    );
+    broker.delete_queue(&queue).await;
+    direct.close().await;
+}

@@ -23,6 +23,15 @@ pub enum Error {
     #[error("broker error")]
     Broker(#[from] lapin::Error),
 
+    /// The broker did not take a directly sent message.
+    #[error("message to `{destination}` not delivered: {reason}")]
+    NotDelivered {
+        /// Where it was going.
+        destination: String,
+        /// What the broker said.
+        reason: String,
+    },
+
     /// A broker operation did not finish in time.
     #[error("broker operation `{operation}` timed out after {timeout:?}")]
     BrokerTimeout {

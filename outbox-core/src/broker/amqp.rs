@@ -164,6 +164,46 @@ impl Broker {
         Ok(outcomes)
     }
 
+    /// Send one message directly, without the outbox (the Python library's
+    /// `send_event`), with the same `dop-*` headers an outbox row gets, and
+    /// wait for the broker's confirm. Returns the message id (`dop-msg-id`).
+    pub async fn send(&mut self, message: &crate::Message) -> Result<uuid::Uuid> {
+        let id = uuid::Uuid::new_v4();
+        let correlation =
+            crate::correlation_id().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let headers = crate::headers::outbox_headers(
+            id,
+            message.destination().as_str(),
+            chrono::Utc::now(),
+            message.headers(),
+            &correlation,
+        );
+        let body = serde_json::to_vec(message.body()).map_err(|source| Error::Body {
+            destination: message.destination().to_string(),
+            source,
+        })?;
+        let outcome = self
+            .publish(&[Outgoing {
+                destination: message.destination(),
+                body: &body,
+                headers: &headers,
+            }])
+            .await?;
+        match outcome.into_iter().next() {
+            Some(Outcome::Confirmed) => Ok(id),
+            Some(Outcome::Returned(reason) | Outcome::Rejected(reason)) => {
+                Err(Error::NotDelivered {
+                    destination: message.destination().to_string(),
+                    reason,
+                })
+            }
+            None => Err(Error::NotDelivered {
+                destination: message.destination().to_string(),
+                reason: "no confirm received".to_owned(),
+            }),
+        }
+    }
+
     /// Make sure each message's exchange or queue is there before publishing:
     /// publishing to a missing exchange would close the channel and look like
     /// an outage. `/queue/<q>` destinations are declared durable when missing,

@@ -126,6 +126,30 @@ impl Consumer {
         &self.queue
     }
 
+    /// Declare the queues now (idempotent), so messages published before
+    /// [`Consumer::run`] starts are routed to the queue instead of returned.
+    pub async fn declare(&self) -> Result<crate::QueueDeclaration> {
+        let settings = &self.shared.settings;
+        let broker = Broker::connect(&settings.broker, &self.shared.name).await?;
+        let channel = with_timeout(
+            settings.broker.operation_timeout,
+            "channel.open",
+            broker.connection().create_channel(),
+        )
+        .await?;
+        let declared = declare_subscription(
+            &channel,
+            &self.destination,
+            &self.queue,
+            settings.consumer.exclusive_queue,
+            settings.broker.operation_timeout,
+        )
+        .await
+        .map_err(|err| explain_declare_error(err, &self.queue))?;
+        broker.close().await;
+        Ok(declared)
+    }
+
     /// Consume until `shutdown` fires, surviving broker and database
     /// restarts. On shutdown, stop taking deliveries, let in-flight callbacks
     /// finish (up to `consumer.shutdown_timeout`) and ack or nack them.

@@ -171,7 +171,7 @@ impl Store {
             return Ok(());
         }
         published::Entity::update_many()
-            .col_expr(Column::NextAttemptAt, Expr::col(Column::Added).into())
+            .col_expr(Column::NextAttemptAt, Expr::col(Column::Added))
             .filter(Column::Id.is_in(ids.iter().copied()))
             .filter(Column::Status.eq(Status::Schedule.code()))
             .exec(&self.db)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite, against real PostgreSQL, MariaDB, SQLite and RabbitMQ
+# (and the Python django-outbox-pattern library for the interop tests).
+# Starts, or installs, the services it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/services.sh all
+export RUST_BACKTRACE=1
+# Every package, every target: unit tests, integration tests, trybuild UI
+# tests, the examples (run as tests), the interop tests and the reliability
+# suite (one binary that restarts services, its tests one at a time).
+cargo test --workspace --all-targets --no-fail-fast "$@"
