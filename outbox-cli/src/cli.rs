@@ -32,6 +32,81 @@ pub enum Command {
     Subscribe(SubscribeArgs),
     /// List the callbacks this binary can run.
     Callbacks,
+    /// Counts per destination and status, oldest pending age, failed count.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, retry or discard FAILED outbox rows.
+    #[command(subcommand)]
+    Failed(FailedCommand),
+    /// Inspect or replay a consumer's dead-letter queue (`DLQ.<queue>`).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// `failed ...`
+#[derive(Debug, Subcommand)]
+pub enum FailedCommand {
+    /// List FAILED rows with their last error, oldest first.
+    List {
+        /// Only this destination.
+        #[arg(long)]
+        destination: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one FAILED row in full.
+    Show {
+        /// The row id (= dop-msg-id).
+        id: uuid::Uuid,
+    },
+    /// Schedule FAILED rows again with fresh attempts.
+    Retry {
+        /// The row id; or use --all / --destination.
+        #[arg(required_unless_present_any = ["all", "destination"], conflicts_with_all = ["all", "destination"])]
+        id: Option<uuid::Uuid>,
+        /// Every FAILED row.
+        #[arg(long, conflicts_with = "destination")]
+        all: bool,
+        /// Every FAILED row of this destination.
+        #[arg(long)]
+        destination: Option<String>,
+    },
+    /// Delete one FAILED row for good (logged).
+    Discard {
+        /// The row id.
+        id: uuid::Uuid,
+    },
+}
+
+/// `dlq ...`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Show messages in DLQ.<queue> without removing them.
+    List {
+        /// The consumer's queue (not the DLQ name).
+        queue: String,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move messages from DLQ.<queue> back to <queue>, each acked only after the broker confirmed it.
+    Replay {
+        /// The consumer's queue (not the DLQ name).
+        queue: String,
+        /// At most this many messages (default: all).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
 }
 
 /// `publish`

@@ -15,9 +15,10 @@
 pub mod callbacks;
 mod cli;
 mod commands;
+mod progress;
 mod signals;
 
-pub use cli::{Cli, Command};
+pub use cli::{Cli, Command, DlqCommand, FailedCommand};
 
 use clap::Parser;
 
@@ -50,12 +51,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Publish(args) => commands::publish(settings, args).await,
         Command::Subscribe(args) => commands::subscribe(settings, args).await,
         Command::Callbacks => commands::callbacks(),
+        Command::Status { json } => commands::status(&settings, json).await,
+        Command::Failed(command) => commands::failed(&settings, command).await,
+        Command::Dlq(command) => commands::dlq(&settings, command).await,
     }
 }
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

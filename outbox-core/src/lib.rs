@@ -37,6 +37,7 @@
 #![deny(clippy::print_stdout, clippy::print_stderr, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod admin;
 mod backoff;
 mod broker;
 mod callback;
@@ -58,6 +59,10 @@ mod settings;
 mod shutdown;
 mod status;
 
+pub use admin::{
+    DeadLetter, DestinationCounts, FailedSelection, OutboxStatus, dead_letters, discard_failed,
+    failed_message, failed_messages, outbox_status, replay_dead_letters, retry_failed,
+};
 pub use broker::{Broker, Outcome, Outgoing, QueueDeclaration, declare_subscription};
 pub use callback::{Callback, CallbackFuture, CallbackResult, find_callback, registered_callbacks};
 pub use connect::connect;

@@ -233,3 +233,52 @@ pub async fn received_count(db: &DatabaseConnection) -> u64 {
         .await
         .expect("count received")
 }
+
+/// The `outbox-cli` binary of this build (built on demand when a test runs alone).
+pub fn cli_binary() -> std::path::PathBuf {
+    static BUILD: Once = Once::new();
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let binary = dir.join("outbox-cli");
+    BUILD.call_once(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "outbox-cli",
+                "--bin",
+                "outbox-cli",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building outbox-cli failed");
+    });
+    binary
+}
+
+/// `outbox-cli` with this test's database and the local broker.
+pub fn cli(url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(cli_binary());
+    command
+        .env_remove("OUTBOX_CONFIG")
+        .env("DATABASE_URL", url)
+        .env("AMQP_URL", amqp_url())
+        .env("RUST_LOG", "info,sqlx=warn")
+        .env("NO_COLOR", "1")
+        .kill_on_drop(true);
+    command
+}
+
+/// Send a signal to a child process.
+pub fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("child still running");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}

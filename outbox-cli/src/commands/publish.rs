@@ -6,6 +6,7 @@ use tracing::info;
 
 use crate::cli::PublishArgs;
 use crate::commands::serve_metrics::serve_metrics;
+use crate::progress::Progress;
 use crate::signals::on_signals;
 
 /// `outbox-cli publish [--until-empty] [--metrics-addr ADDR]`
@@ -18,11 +19,29 @@ pub(crate) async fn publish(settings: Settings, args: PublishArgs) -> anyhow::Re
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr, Arc::clone(&metrics)).await?;
     }
-    let relay = Relay::new(db, settings).with_metrics(metrics);
     let report = if args.until_empty {
-        relay.run_until_empty(shutdown).await?
+        // A drain is a long operation: show how far it got, on terminals.
+        let total = outbox_core::outbox_status(&db).await?.pending;
+        let counter = Arc::clone(&metrics);
+        let display = tokio::spawn(async move {
+            let mut progress = Progress::new();
+            loop {
+                progress.update("relayed", Metrics::get(&counter.published), Some(total));
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        });
+        let report = Relay::new(db, settings)
+            .with_metrics(metrics)
+            .run_until_empty(shutdown)
+            .await;
+        display.abort();
+        Progress::new().end_line();
+        report?
     } else {
-        relay.run(shutdown).await?
+        Relay::new(db, settings)
+            .with_metrics(metrics)
+            .run(shutdown)
+            .await?
     };
     info!(
         published = report.published,

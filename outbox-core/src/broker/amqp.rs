@@ -100,6 +100,11 @@ impl Broker {
         &self.connection
     }
 
+    /// The confirm-mode channel, for publishing outside [`Broker::publish`].
+    pub(crate) fn publish_channel(&self) -> &Channel {
+        &self.publish
+    }
+
     /// Whether the connection is still usable.
     pub fn is_connected(&self) -> bool {
         self.connection.status().connected() && self.publish.status().connected()
