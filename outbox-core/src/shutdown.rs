@@ -8,12 +8,22 @@ pub struct ShutdownTrigger(watch::Sender<bool>);
 
 /// The receiving side, handed to `Relay::run` and `Consumer::run`.
 #[derive(Debug, Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub struct Shutdown {
+    stop: watch::Receiver<bool>,
+    // `never()` keeps its own sender alive so `wait` stays pending.
+    _keep_alive: Option<std::sync::Arc<watch::Sender<bool>>>,
+}
 
 /// A connected trigger and receiver.
 pub fn shutdown_channel() -> (ShutdownTrigger, Shutdown) {
     let (tx, rx) = watch::channel(false);
-    (ShutdownTrigger(tx), Shutdown(rx))
+    (
+        ShutdownTrigger(tx),
+        Shutdown {
+            stop: rx,
+            _keep_alive: None,
+        },
+    )
 }
 
 impl ShutdownTrigger {
@@ -27,19 +37,20 @@ impl Shutdown {
     /// A receiver that never fires.
     pub fn never() -> Shutdown {
         let (tx, rx) = watch::channel(false);
-        // Keep the sender alive forever so `wait` stays pending.
-        std::mem::forget(tx);
-        Shutdown(rx)
+        Shutdown {
+            stop: rx,
+            _keep_alive: Some(std::sync::Arc::new(tx)),
+        }
     }
 
     /// Whether a stop was asked for.
     pub fn is_triggered(&self) -> bool {
-        *self.0.borrow()
+        *self.stop.borrow()
     }
 
     /// Resolves once a stop is asked for.
     pub async fn wait(&mut self) {
         // An error means the trigger is gone: treat that as a stop.
-        let _ = self.0.wait_for(|stop| *stop).await;
+        let _ = self.stop.wait_for(|stop| *stop).await;
     }
 }

@@ -17,7 +17,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -454,11 +454,14 @@ async fn already_received(db: &DatabaseConnection, msg_id: Option<&str>) -> Resu
     let Some(msg_id) = msg_id else {
         return Ok(false);
     };
-    let count = received::Entity::find()
+    let found: Option<Uuid> = received::Entity::find()
+        .select_only()
+        .column(received::Column::Id)
         .filter(received::Column::MsgId.eq(msg_id))
-        .count(db)
+        .into_tuple()
+        .one(db)
         .await?;
-    Ok(count > 0)
+    Ok(found.is_some())
 }
 
 /// The first of `cap-msg-id`, `dop-msg-id`, the AMQP `message_id` that is not empty.

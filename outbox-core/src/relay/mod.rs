@@ -13,6 +13,7 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
+use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::broker::{Broker, Outcome, Outgoing};
@@ -320,20 +321,27 @@ impl Relay {
         totals.published += sent.len() as u64;
         Metrics::add(&self.metrics.published, sent.len() as u64);
         let mut scheduled = Vec::with_capacity(failures.len());
-        for (row, reason) in failures {
+        // One warning per distinct reason and batch: an unbound destination
+        // can fail a whole batch, and a line per message would drown the log.
+        let mut retrying: BTreeMap<&str, (u64, Uuid)> = BTreeMap::new();
+        for (row, reason) in &failures {
             let failures_so_far = u32::try_from(row.retry).unwrap_or(0).saturating_add(1);
             let next = next_attempt_after(failures_so_far, &self.settings.relay)
                 .map(|wait| now + chrono::Duration::from_std(wait).unwrap_or_default());
             if next.is_some() {
                 totals.retried += 1;
                 Metrics::add(&self.metrics.retried, 1);
-                warn!(id = %row.id, destination = %row.destination, attempt = failures_so_far, error = %reason, "publish attempt failed; will retry");
+                debug!(id = %row.id, destination = %row.destination, attempt = failures_so_far, error = %reason, "publish attempt failed; will retry");
+                retrying.entry(reason.as_str()).or_insert((0, row.id)).0 += 1;
             } else {
                 totals.failed += 1;
                 Metrics::add(&self.metrics.failed, 1);
                 error!(id = %row.id, destination = %row.destination, attempts = failures_so_far, error = %reason, "message FAILED after the last attempt; see `outbox-cli failed`");
             }
-            scheduled.push((row.id, failures_so_far, next, reason));
+            scheduled.push((row.id, failures_so_far, next, reason.clone()));
+        }
+        for (reason, (count, example)) in retrying {
+            warn!(messages = count, example_id = %example, error = %reason, "publish attempts failed; will retry on schedule");
         }
         let store = self.store.clone();
         let name = self.name.clone();

@@ -123,13 +123,16 @@ impl Store {
         )
     }
 
-    /// Mark confirmed rows sent, in one statement.
+    /// Mark confirmed rows sent, in one statement. The claim lease is cleared
+    /// too, so a row set back to SCHEDULE by hand (the django-outbox-pattern
+    /// way to resend) is sent again at once, not when the lease would expire.
     pub(crate) async fn mark_sent(&self, ids: &[Uuid]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
         published::Entity::update_many()
             .col_expr(Column::Status, Expr::value(Status::Succeeded.code()))
+            .col_expr(Column::NextAttemptAt, Expr::value(Utc::now()))
             .col_expr(Column::LastError, Expr::value(Option::<String>::None))
             .filter(Column::Id.is_in(ids.iter().copied()))
             .exec(&self.db)
