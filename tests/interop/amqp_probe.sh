@@ -9,6 +9,9 @@
 #                                             and the headers table WITH AMQP field types, then
 #                                             close the channel so they are requeued
 #   amqp_probe.sh delete QUEUE                queue.delete
+#   amqp_probe.sh describe QUEUE...           one line per existing queue: name, durable,
+#                                             auto_delete, exclusive owner and the arguments
+#                                             WITH AMQP field types (what a redeclare compares)
 #
 # Field types are printed as RabbitMQ names them: longstr = 'S', signedint = 'I', long = 'l',
 # bool = 't', array = 'A', table = 'F', timestamp = 'T', ...
@@ -66,5 +69,16 @@ lists:foldl(fun(M, I) -> io:format(\"message ~b~n\", [I]), lists:foreach(Show, M
 R = amqp_channel:call(Ch, {'queue.delete', 0, <<\"$1\">>, false, false, false}),
 $CLOSE R."
     ;;
-  *) die "usage: amqp_probe.sh declare QUEUE BINDING_KEY | peek QUEUE [MAX] | delete QUEUE" ;;
+  describe)
+    [[ $# -ge 1 ]] || die "usage: describe QUEUE..."
+    names=""
+    for q in "$@"; do safe "$q"; names+="${names:+, }<<\"$q\">>"; done
+    run "lists:foreach(fun(Q) ->
+  case rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, Q)) of
+    {ok, R} -> io:format(\"~9999p~n\", [{Q, amqqueue:is_durable(R), amqqueue:is_auto_delete(R),
+                                         amqqueue:get_exclusive_owner(R), amqqueue:get_arguments(R)}]);
+    _ -> io:format(\"~9999p~n\", [{Q, not_found}])
+  end end, [$names])."
+    ;;
+  *) die "usage: amqp_probe.sh declare QUEUE BINDING_KEY | peek QUEUE [MAX] | delete QUEUE | describe QUEUE..." ;;
 esac
