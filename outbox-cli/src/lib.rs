@@ -20,13 +20,28 @@ mod signals;
 
 pub use cli::{Cli, Command, DlqCommand, FailedCommand};
 
+use std::io::IsTerminal as _;
+
 use clap::Parser;
 
 /// Parse the command line, run the command, print the error chain and exit
 /// non-zero on failure.
 pub fn main() {
     let cli = Cli::parse();
-    init_logging(cli.json_logs);
+    run_main(cli.json_logs, || run(cli));
+}
+
+/// What [`main`] does around a command, for service binaries that add
+/// commands of their own next to the outbox ones (flatten [`Command`] into
+/// your clap enum and call [`run`] for it): logging to stderr (`RUST_LOG`,
+/// colours only on a terminal), a multi-threaded runtime, and on error the
+/// whole chain printed as `error: ...` with exit status 1.
+pub fn run_main<F, Fut>(json_logs: bool, command: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    init_logging(json_logs);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -37,7 +52,7 @@ pub fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(err) = runtime.block_on(run(cli)) {
+    if let Err(err) = runtime.block_on(command()) {
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }
@@ -62,6 +77,7 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

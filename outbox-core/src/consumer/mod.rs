@@ -158,13 +158,17 @@ impl Consumer {
         let mut backoff = Backoff::new(settings.broker.maximum_backoff);
         info!(consumer = %self.shared.name, destination = %self.destination, queue = %self.queue, prefetch = settings.consumer.prefetch, concurrency = settings.consumer.concurrency, "consumer started");
         while !shutdown.is_triggered() {
-            match self.session(&mut shutdown, &mut backoff).await {
+            let mut consuming = false;
+            match self
+                .session(&mut shutdown, &mut backoff, &mut consuming)
+                .await
+            {
                 Ok(()) => {}
                 Err(err) => {
                     let delay = backoff.next_delay();
-                    if matches!(err, Error::Broker(_) | Error::BrokerTimeout { .. })
-                        || err.is_transient()
-                    {
+                    if err.is_transient() && !consuming {
+                        warn!(consumer = %self.shared.name, error = %report(&err), retry_in = ?delay, "cannot start consuming (broker unreachable or queue refused); retrying");
+                    } else if err.is_transient() {
                         warn!(consumer = %self.shared.name, error = %report(&err), retry_in = ?delay, "broker connection lost; reconnecting");
                     } else {
                         error!(consumer = %self.shared.name, error = %report(&err), retry_in = ?delay, "cannot consume; retrying");
@@ -187,7 +191,12 @@ impl Consumer {
     }
 
     /// One connection's life: declare, consume, hand deliveries out.
-    async fn session(&self, shutdown: &mut Shutdown, backoff: &mut Backoff) -> Result<()> {
+    async fn session(
+        &self,
+        shutdown: &mut Shutdown,
+        backoff: &mut Backoff,
+        consuming: &mut bool,
+    ) -> Result<()> {
         let settings = &self.shared.settings;
         let timeout = settings.broker.operation_timeout;
         let broker = Broker::connect(&settings.broker, &self.shared.name).await?;
@@ -224,6 +233,7 @@ impl Consumer {
             ),
         )
         .await?;
+        *consuming = true;
         if backoff.failures() > 0 {
             info!(consumer = %self.shared.name, "broker connection restored; consuming again");
         }
@@ -280,6 +290,7 @@ impl Consumer {
     }
 
     async fn drain(&self, mut in_flight: JoinSet<()>) {
+        while in_flight.try_join_next().is_some() {}
         if in_flight.is_empty() {
             return;
         }
