@@ -185,10 +185,13 @@ async fn rabbitmqctl(args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
-/// RabbitMQ stopped and started in the middle of a drain and of a consume.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rabbitmq_restart_mid_drain_and_mid_consume() {
-    let _serial = SERIAL.lock().await;
+/// Drain 20,000 rows into a consumer and run `outage` once a quarter is sent
+/// and some are consumed: every row is stored once, and no attempt is burned.
+async fn survives_an_outage<F, Fut>(what: &str, outage: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let outbox = TestDb::new(Backend::Postgres).await;
     let destination = unique_topic();
     let inbox = Inbox::start(&destination, |s| s.consumer.concurrency = 2).await;
@@ -212,10 +215,7 @@ async fn rabbitmq_restart_mid_drain_and_mid_consume() {
     )
     .await;
     let started = Instant::now();
-    rabbitmqctl(&["stop_app"]).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    rabbitmqctl(&["start_app"]).await;
-    rabbitmqctl(&["await_startup"]).await;
+    outage().await;
     eventually(Duration::from_secs(180), "every row sent", || async {
         status_counts(&outbox.db)
             .await
@@ -244,81 +244,52 @@ async fn rabbitmq_restart_mid_drain_and_mid_consume() {
         burned.len()
     );
     eprintln!(
-        "RabbitMQ restart: all {total} delivered {recovered:?} after the stop; relay published {} (resends {}), consumer duplicates {}",
+        "{what}: all {total} delivered {recovered:?} after the outage began; relay confirmed {} (resent {}), consumer duplicates {}",
         relay_report.published,
         relay_report.published.saturating_sub(total as u64),
         report.duplicates
     );
 }
 
-/// PostgreSQL restarted in the middle of a drain (both the relay's and the consumer's database).
+/// RabbitMQ stopped and started in the middle of a drain and of a consume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rabbitmq_restart_mid_drain_and_mid_consume() {
+    let _serial = SERIAL.lock().await;
+    survives_an_outage("RabbitMQ restart", || async {
+        rabbitmqctl(&["stop_app"]).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rabbitmqctl(&["start_app"]).await;
+        rabbitmqctl(&["await_startup"]).await;
+    })
+    .await;
+}
+
+/// PostgreSQL restarted in the middle of a drain (the relay's and the consumer's database).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_restart_mid_drain() {
     let _serial = SERIAL.lock().await;
-    let outbox = TestDb::new(Backend::Postgres).await;
-    let destination = unique_topic();
-    let inbox = Inbox::start(&destination, |_| {}).await;
-    let total = 20_000;
-    write_messages(&outbox.db, &destination, total).await;
-
-    let (stop_relay, shutdown) = shutdown_channel();
-    let relay = tokio::spawn(Relay::new(outbox.db.clone(), settings(&outbox.url)).run(shutdown));
-    eventually(Duration::from_secs(60), "a quarter sent", || async {
-        status_counts(&outbox.db)
+    survives_an_outage("PostgreSQL restart", || async {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .max()
+            .unwrap();
+        let status = tokio::process::Command::new("pg_ctlcluster")
+            .args([
+                "--skip-systemctl-redirect",
+                &version,
+                "main",
+                "restart",
+                "-m",
+                "fast",
+            ])
+            .status()
             .await
-            .get(&Status::Succeeded.code())
-            .copied()
-            .unwrap_or(0)
-            >= 5_000
+            .unwrap();
+        assert!(status.success(), "restart PostgreSQL");
     })
     .await;
-    let started = Instant::now();
-    let version = std::fs::read_dir("/etc/postgresql")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .max()
-        .unwrap();
-    let status = tokio::process::Command::new("pg_ctlcluster")
-        .args([
-            "--skip-systemctl-redirect",
-            &version,
-            "main",
-            "restart",
-            "-m",
-            "fast",
-        ])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success(), "restart PostgreSQL");
-    eventually(Duration::from_secs(180), "every row sent", || async {
-        status_counts(&outbox.db)
-            .await
-            .get(&Status::Succeeded.code())
-            .copied()
-            .unwrap_or(0)
-            == total as u64
-    })
-    .await;
-    inbox.wait_for(total as u64, Duration::from_secs(180)).await;
-    let recovered = started.elapsed();
-    stop_relay.trigger();
-    let relay_report = relay.await.unwrap().unwrap();
-    let broker = TestBroker::connect().await;
-    let (report, inbox_db) = inbox.stop(&broker).await;
-
-    assert_exactly_once(&outbox, &inbox_db, total).await;
-    let burned = published::Entity::find()
-        .filter(published::Column::Retry.ne(0))
-        .all(&outbox.db)
-        .await
-        .unwrap();
-    assert!(burned.is_empty(), "an outage burns no attempts");
-    eprintln!(
-        "PostgreSQL restart: all {total} delivered {recovered:?} after the restart; relay published {}, consumer duplicates {}",
-        relay_report.published, report.duplicates
-    );
 }
 
 /// A poison message (the callback always fails) goes to the DLQ; the rest flows.

@@ -1,24 +1,17 @@
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use outbox_core::{Metrics, Relay, Settings};
 use tracing::info;
 
 use crate::cli::PublishArgs;
-use crate::commands::serve_metrics::serve_metrics;
+use crate::commands::serve_metrics::connect_with_metrics;
 use crate::progress::Progress;
 use crate::signals::on_signals;
 
 /// `outbox-cli publish [--until-empty] [--metrics-addr ADDR]`
 pub(crate) async fn publish(settings: Settings, args: PublishArgs) -> anyhow::Result<()> {
     let shutdown = on_signals()?;
-    let db = outbox_core::connect(&settings)
-        .await
-        .context("cannot connect to the database")?;
-    let metrics = Arc::new(Metrics::default());
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr, Arc::clone(&metrics)).await?;
-    }
+    let (db, metrics) = connect_with_metrics(&settings, args.metrics_addr).await?;
     let report = if args.until_empty {
         // A drain is a long operation: show how far it got, on terminals.
         let total = outbox_core::outbox_status(&db).await?.pending;

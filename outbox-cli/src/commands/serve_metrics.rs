@@ -9,7 +9,23 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-pub(crate) async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+/// Connect to the database and, when asked, serve a fresh `Metrics` for the
+/// long-running commands (`publish`, `subscribe`).
+pub(crate) async fn connect_with_metrics(
+    settings: &outbox_core::Settings,
+    metrics_addr: Option<SocketAddr>,
+) -> anyhow::Result<(sea_orm::DatabaseConnection, Arc<Metrics>)> {
+    let db = outbox_core::connect(settings)
+        .await
+        .context("cannot connect to the database")?;
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = metrics_addr {
+        serve_metrics(addr, Arc::clone(&metrics)).await?;
+    }
+    Ok((db, metrics))
+}
+
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} for metrics"))?;

@@ -1,10 +1,7 @@
-use std::sync::Arc;
-
-use anyhow::Context as _;
-use outbox_core::{Consumer, Metrics, Settings, find_callback, registered_callbacks};
+use outbox_core::{Consumer, Settings, find_callback, registered_callbacks};
 
 use crate::cli::SubscribeArgs;
-use crate::commands::serve_metrics::serve_metrics;
+use crate::commands::serve_metrics::connect_with_metrics;
 use crate::signals::on_signals;
 
 /// `outbox-cli subscribe <callback> <destination> [queue]`
@@ -12,13 +9,7 @@ pub(crate) async fn subscribe(settings: Settings, args: SubscribeArgs) -> anyhow
     // Check the cheap things first, before any connection.
     let callback = find_callback(&args.callback)?;
     let shutdown = on_signals()?;
-    let db = outbox_core::connect(&settings)
-        .await
-        .context("cannot connect to the database")?;
-    let metrics = Arc::new(Metrics::default());
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr, Arc::clone(&metrics)).await?;
-    }
+    let (db, metrics) = connect_with_metrics(&settings, args.metrics_addr).await?;
     let consumer = Consumer::new(
         db,
         settings,

@@ -129,10 +129,20 @@ impl Consumer {
     /// Declare the queues now (idempotent), so messages published before
     /// [`Consumer::run`] starts are routed to the queue instead of returned.
     pub async fn declare(&self) -> Result<crate::QueueDeclaration> {
+        let (broker, _channel, declared) = self.connect_and_declare().await?;
+        broker.close().await;
+        Ok(declared)
+    }
+
+    /// A connection, a channel, and the subscription's queues declared on it.
+    async fn connect_and_declare(
+        &self,
+    ) -> Result<(Broker, lapin::Channel, crate::QueueDeclaration)> {
         let settings = &self.shared.settings;
+        let timeout = settings.broker.operation_timeout;
         let broker = Broker::connect(&settings.broker, &self.shared.name).await?;
         let channel = with_timeout(
-            settings.broker.operation_timeout,
+            timeout,
             "channel.open",
             broker.connection().create_channel(),
         )
@@ -142,12 +152,11 @@ impl Consumer {
             &self.destination,
             &self.queue,
             settings.consumer.exclusive_queue,
-            settings.broker.operation_timeout,
+            timeout,
         )
         .await
         .map_err(|err| explain_declare_error(err, &self.queue))?;
-        broker.close().await;
-        Ok(declared)
+        Ok((broker, channel, declared))
     }
 
     /// Consume until `shutdown` fires, surviving broker and database
@@ -199,28 +208,13 @@ impl Consumer {
     ) -> Result<()> {
         let settings = &self.shared.settings;
         let timeout = settings.broker.operation_timeout;
-        let broker = Broker::connect(&settings.broker, &self.shared.name).await?;
-        let channel = with_timeout(
-            timeout,
-            "channel.open",
-            broker.connection().create_channel(),
-        )
-        .await?;
+        let (broker, channel, declared) = self.connect_and_declare().await?;
         with_timeout(
             timeout,
             "basic.qos",
             channel.basic_qos(settings.consumer.prefetch, BasicQosOptions::default()),
         )
         .await?;
-        let declared = declare_subscription(
-            &channel,
-            &self.destination,
-            &self.queue,
-            settings.consumer.exclusive_queue,
-            timeout,
-        )
-        .await
-        .map_err(|err| explain_declare_error(err, &self.queue))?;
         let tag = format!("outbox-{}", Uuid::new_v4().simple());
         let mut deliveries = with_timeout(
             timeout,
