@@ -79,6 +79,7 @@ pub fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
     match std::env::var(name) {
         Ok(value) => value
             .split(',')
+            .filter(|v| !v.trim().is_empty())
             .map(|v| {
                 v.trim()
                     .replace('_', "")
@@ -88,6 +89,15 @@ pub fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
             .collect(),
         Err(_) => Ok(default.to_vec()),
     }
+}
+
+/// Whether benchmark queues are durable (`BENCH_QUEUE_DURABLE`, default yes):
+/// RabbitMQ then writes persistent messages to disk before confirming them.
+pub fn queue_durable() -> bool {
+    !matches!(
+        std::env::var("BENCH_QUEUE_DURABLE").as_deref(),
+        Ok("0" | "false" | "no")
+    )
 }
 
 /// The PostgreSQL server's maintenance database URL (`BENCH_POSTGRES_URL`).
@@ -130,11 +140,53 @@ impl BenchDb {
         admin
             .execute_unprepared(&format!("CREATE DATABASE {name}"))
             .await?;
-        admin.close().await?;
-        let url = replace_db(&admin_url(), &name);
+        match Self::prepare(&admin, &name).await {
+            Ok(bench) => {
+                admin.close().await?;
+                Ok(bench)
+            }
+            Err(err) => {
+                let _ = admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Apply `BENCH_PG_SET`, connect and migrate.
+    async fn prepare(admin: &DatabaseConnection, name: &str) -> anyhow::Result<BenchDb> {
+        // A diagnostic knob: BENCH_PG_SET="synchronous_commit=off" (`;` between several)
+        // to see e.g. what WAL flushes cost, or log_min_duration_statement=0 for a timeline.
+        if let Ok(settings) = std::env::var("BENCH_PG_SET") {
+            for setting in settings.split(';').filter(|s| !s.trim().is_empty()) {
+                let (key, value) = setting
+                    .split_once('=')
+                    .with_context(|| format!("BENCH_PG_SET: {setting:?} is not name=value"))?;
+                let (key, value) = (key.trim(), value.trim());
+                let plain = |s: &str| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                };
+                ensure!(
+                    plain(key) && plain(value),
+                    "BENCH_PG_SET: {setting:?}: only letters, digits, `_` and `.`"
+                );
+                admin
+                    .execute_unprepared(&format!("ALTER DATABASE {name} SET {key} = '{value}'"))
+                    .await?;
+                println!("note: {key} = {value} on {name} (BENCH_PG_SET)");
+            }
+        }
+        let url = replace_db(&admin_url(), name);
         let db = connect(&url, 4).await?;
         outbox_core::migrate(&db).await?;
-        Ok(BenchDb { name, url, db })
+        Ok(BenchDb {
+            name: name.to_owned(),
+            url,
+            db,
+        })
     }
 
     /// Close the pool and drop the database.
@@ -372,8 +424,9 @@ impl Amqp {
         })
     }
 
-    /// Declare a durable queue (deleted first if a crashed run left it) and
-    /// bind it to `amq.topic` with `routing_key`. `lazy` keeps its messages on disk.
+    /// Declare a queue (deleted first if a crashed run left it), durable unless
+    /// `BENCH_QUEUE_DURABLE=0`, and bind it to `amq.topic` with `routing_key`.
+    /// `lazy` (or `BENCH_QUEUE_LAZY=1`) keeps its messages on disk.
     pub async fn bound_queue(
         &self,
         name: &str,
@@ -384,14 +437,14 @@ impl Amqp {
             .queue_delete(name.into(), QueueDeleteOptions::default())
             .await?;
         let mut args = FieldTable::default();
-        if lazy {
+        if lazy || std::env::var("BENCH_QUEUE_LAZY").is_ok_and(|v| v == "1") {
             args.insert("x-queue-mode".into(), AMQPValue::LongString("lazy".into()));
         }
         self.channel
             .queue_declare(
                 name.into(),
                 QueueDeclareOptions {
-                    durable: true,
+                    durable: queue_durable(),
                     ..Default::default()
                 },
                 args,
@@ -546,5 +599,174 @@ pub fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {
             eprintln!("FAILED: {err:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// CPU time per process group, from `/proc`: who burns the two cores.
+#[derive(Debug, Clone, Default)]
+pub struct CpuSnapshot {
+    /// Clock ticks per group (`postgres`, `rabbitmq`, `outbox-cli`, `this process`, `other`).
+    pub ticks: BTreeMap<&'static str, u64>,
+    /// Busy and total ticks of the whole machine (`/proc/stat`).
+    pub machine: (u64, u64),
+}
+
+impl CpuSnapshot {
+    /// Read every process's `utime + stime` now.
+    pub fn take() -> CpuSnapshot {
+        let me = std::process::id().to_string();
+        let mut ticks = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.bytes().all(|b| b.is_ascii_digit()) {
+                    continue;
+                }
+                let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                    continue;
+                };
+                let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                    continue;
+                };
+                let comm = &stat[open + 1..close];
+                let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+                let used = fields
+                    .get(11)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    + fields
+                        .get(12)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                let group = if name == me {
+                    "this process"
+                } else if comm.starts_with("postgres") {
+                    "postgres"
+                } else if comm == "beam.smp" || comm == "erl_child_setup" || comm == "epmd" {
+                    "rabbitmq"
+                } else if comm == "outbox-cli" {
+                    "outbox-cli"
+                } else {
+                    "other"
+                };
+                *ticks.entry(group).or_insert(0) += used;
+            }
+        }
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let values: Vec<u64> = s
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                let total: u64 = values.iter().sum();
+                let idle =
+                    values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+                Some((total - idle, total))
+            })
+            .unwrap_or((0, 0));
+        CpuSnapshot { ticks, machine }
+    }
+
+    /// CPU seconds per group since `earlier`, and the machine's busy share (0..1).
+    pub fn since(&self, earlier: &CpuSnapshot) -> (BTreeMap<&'static str, f64>, f64) {
+        const TICKS_PER_SECOND: f64 = 100.0; // `getconf CLK_TCK` on Linux
+        let seconds = self
+            .ticks
+            .iter()
+            .map(|(group, t)| {
+                let before = earlier.ticks.get(group).copied().unwrap_or(0);
+                (*group, t.saturating_sub(before) as f64 / TICKS_PER_SECOND)
+            })
+            .collect();
+        let busy = self.machine.0.saturating_sub(earlier.machine.0) as f64;
+        let total = self.machine.1.saturating_sub(earlier.machine.1) as f64;
+        (seconds, if total > 0.0 { busy / total } else { 0.0 })
+    }
+
+    /// `relay 1.2 s, postgres 3.4 s, ..., machine 97% busy` over `wall` seconds.
+    pub fn describe(&self, earlier: &CpuSnapshot, wall: f64) -> String {
+        let (seconds, busy) = self.since(earlier);
+        let mut parts: Vec<String> = seconds
+            .iter()
+            .map(|(group, s)| format!("{group} {s:.1}s ({:.0}%)", 100.0 * s / wall))
+            .collect();
+        parts.push(format!("machine {:.0}% busy", 100.0 * busy));
+        parts.join(", ")
+    }
+}
+
+impl CpuSnapshot {
+    /// CPU used by processes other than this one, PostgreSQL and RabbitMQ
+    /// since `earlier`, as a share of one core over `wall` seconds: a
+    /// compiler or test run next to the benchmark.
+    pub fn other_share(&self, earlier: &CpuSnapshot, wall: f64) -> f64 {
+        let (seconds, _) = self.since(earlier);
+        seconds.get("other").copied().unwrap_or(0.0) / wall.max(1e-9)
+    }
+}
+
+/// Wait (up to `BENCH_QUIET_WAIT` seconds, default 600) until the machine is
+/// idle (< 20% busy over two consecutive seconds), so that a compile or test
+/// run next to the benchmark does not skew it.
+pub async fn wait_quiet() -> anyhow::Result<()> {
+    let limit = Duration::from_secs(env_usize("BENCH_QUIET_WAIT", 600)? as u64);
+    let start = tokio::time::Instant::now();
+    let mut calm = 0;
+    let mut said = false;
+    while calm < 2 {
+        let before = CpuSnapshot::take();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (_, busy) = CpuSnapshot::take().since(&before);
+        if busy < 0.20 {
+            calm += 1;
+        } else {
+            calm = 0;
+            if !said {
+                println!(
+                    "(waiting for the machine to be idle: {:.0}% busy)",
+                    busy * 100.0
+                );
+                said = true;
+            }
+        }
+        if start.elapsed() > limit {
+            println!("warning: the machine did not become idle within {limit:?}; measuring anyway");
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Run `run` (which returns its value and the share of a core other
+/// processes used meanwhile, see [`CpuSnapshot::other_share`]) after waiting
+/// for quiet; repeat it, up to 3 attempts, when something else ran alongside
+/// (> 10% of a core).
+pub async fn undisturbed<T>(
+    label: &str,
+    mut run: impl AsyncFnMut() -> anyhow::Result<(T, f64)>,
+) -> anyhow::Result<T> {
+    let mut attempt = 1;
+    loop {
+        wait_quiet().await?;
+        let (value, other) = run().await?;
+        if other <= 0.10 {
+            return Ok(value);
+        }
+        if attempt == 3 {
+            println!(
+                "warning: {label}: other processes used {:.0}% of a core during the run (3rd attempt, kept)",
+                other * 100.0
+            );
+            return Ok(value);
+        }
+        println!(
+            "{label}: other processes used {:.0}% of a core during the run; repeating it",
+            other * 100.0
+        );
+        attempt += 1;
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Environment: `BENCH_N` (large backlog, 1000000), `BENCH_SMALL_N` (10000),
 //! `BENCH_OUTBOX_CLI` (path of the binary; default `target/release/outbox-cli`
-//! of this workspace).
+//! of this workspace), `BENCH_CHILD_LOG` (its `RUST_LOG`, default
+//! `warn,outbox_core=info`), `BENCH_SHOW_CHILD_LOG=1` (print all of its log).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -13,7 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use outbox_bench::{Amqp, BenchDb, amqp_url, env_usize, fill_rows_sql, finish, thousands};
+use outbox_bench::{
+    Amqp, BenchDb, CpuSnapshot, amqp_url, env_usize, fill_rows_sql, finish, thousands, undisturbed,
+    wait_quiet,
+};
 use sea_orm::ConnectionTrait;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
@@ -47,8 +51,19 @@ fn memory_kb(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// `utime + stime` of `pid` in seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 #[derive(Debug, Default)]
 struct Drain {
+    /// CPU seconds of the child (last sample), and what the machine did meanwhile.
+    child_cpu: f64,
+    cpu: String,
     rows: usize,
     wall: f64,
     /// Highest `VmHWM` seen (the kernel's own peak RSS).
@@ -59,7 +74,7 @@ struct Drain {
 }
 
 /// Run the CLI until the outbox is empty, sampling its memory every 100 ms.
-async fn drain(bench: &BenchDb, rows: usize) -> anyhow::Result<Drain> {
+async fn drain(bench: &BenchDb, rows: usize) -> anyhow::Result<(Drain, f64)> {
     let cli = cli_path();
     ensure!(
         cli.exists(),
@@ -68,6 +83,7 @@ async fn drain(bench: &BenchDb, rows: usize) -> anyhow::Result<Drain> {
     );
     let workdir = std::env::temp_dir().join(format!("{}-cwd", bench.name));
     std::fs::create_dir_all(&workdir)?;
+    let cpu = CpuSnapshot::take();
     let start = Instant::now();
     let mut child = tokio::process::Command::new(&cli)
         .args(["publish", "--until-empty"])
@@ -75,7 +91,10 @@ async fn drain(bench: &BenchDb, rows: usize) -> anyhow::Result<Drain> {
         .env_remove("OUTBOX_CONFIG")
         .env("DATABASE_URL", &bench.url)
         .env("AMQP_URL", amqp_url())
-        .env("RUST_LOG", "warn,outbox_core=info")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn,outbox_core=info".into()),
+        )
         .env("OUTBOX_RELAY_PROGRESS_INTERVAL", "5")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -107,10 +126,16 @@ async fn drain(bench: &BenchDb, rows: usize) -> anyhow::Result<Drain> {
                     result.samples.push((start.elapsed().as_secs_f64(), rss));
                     result.peak_kb = result.peak_kb.max(hwm);
                 }
+                if let Some(used) = cpu_seconds(pid) {
+                    result.child_cpu = used;
+                }
             }
         }
     };
     result.wall = start.elapsed().as_secs_f64();
+    let after = CpuSnapshot::take();
+    result.cpu = after.describe(&cpu, result.wall);
+    let other = after.other_share(&cpu, result.wall);
     let _ = reader.await;
     let lines = lines
         .lock()
@@ -121,36 +146,41 @@ async fn drain(bench: &BenchDb, rows: usize) -> anyhow::Result<Drain> {
         "outbox-cli exited with {status}; its log:\n{}",
         lines.join("\n")
     );
+    let everything = std::env::var("BENCH_SHOW_CHILD_LOG").is_ok_and(|v| v == "1");
     result.progress = lines
         .into_iter()
-        .filter(|l| l.contains("relay progress") || l.contains("done") || l.contains("WARN"))
+        .filter(|l| {
+            everything || l.contains("relay progress") || l.contains("done") || l.contains("WARN")
+        })
         .collect();
     let _ = std::fs::remove_dir_all(&workdir);
-    Ok(result)
+    Ok((result, other))
 }
 
-/// Fill `rows` rows, drain them with the CLI, verify rows and queue.
+/// Fill `rows` rows, drain them with the CLI, verify rows and queue; repeated
+/// when something else used the machine meanwhile.
 async fn measured(bench: &BenchDb, amqp: &Amqp, rows: usize) -> anyhow::Result<Drain> {
-    bench.db.execute_unprepared("TRUNCATE published").await?;
-    amqp.purge(QUEUE).await?;
-    if rows > 0 {
-        let start = Instant::now();
-        fill_rows_sql(bench, BASE, "v1", rows).await?;
-        bench
-            .db
-            .execute_unprepared("VACUUM ANALYZE published")
-            .await?;
-        println!(
-            "filled {} rows in {:.1} s (INSERT .. SELECT generate_series, shape checked against write_all)",
-            thousands(rows as f64),
-            start.elapsed().as_secs_f64()
-        );
-    }
-    let result = drain(bench, rows).await?;
-    bench.expect_all_sent(rows).await?;
-    amqp.expect_count(QUEUE, rows).await?;
-    amqp.purge(QUEUE).await?;
-    Ok(result)
+    undisturbed(&format!("drain of {rows} rows"), async || {
+        bench.db.execute_unprepared("TRUNCATE published").await?;
+        amqp.purge(QUEUE).await?;
+        if rows > 0 {
+            let start = Instant::now();
+            fill_rows_sql(bench, BASE, "v1", rows).await?;
+            bench.db.execute_unprepared("VACUUM ANALYZE published").await?;
+            println!(
+                "filled {} rows in {:.1} s (INSERT .. SELECT generate_series, shape checked against write_all)",
+                thousands(rows as f64),
+                start.elapsed().as_secs_f64()
+            );
+            wait_quiet().await?;
+        }
+        let (result, other) = drain(bench, rows).await?;
+        bench.expect_all_sent(rows).await?;
+        amqp.expect_count(QUEUE, rows).await?;
+        amqp.purge(QUEUE).await?;
+        Ok((result, other))
+    })
+    .await
 }
 
 fn rss_at(drain: &Drain, fraction: f64) -> f64 {
@@ -189,10 +219,12 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
         for rows in [small, large] {
             let run = measured(bench, &amqp, rows).await?;
             println!(
-                "{} rows: {:.2} s wall, peak RSS {:.1} MB",
+                "{} rows: {:.2} s wall, peak RSS {:.1} MB, outbox-cli CPU {:.1} s; CPU: {}",
                 thousands(rows as f64),
                 run.wall,
-                run.peak_kb as f64 / 1024.0
+                run.peak_kb as f64 / 1024.0,
+                run.child_cpu,
+                run.cpu
             );
             for line in &run.progress {
                 println!("    {line}");

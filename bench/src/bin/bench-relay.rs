@@ -2,8 +2,10 @@
 //! lapin publishing the same messages with publisher confirms, same run.
 //!
 //! Environment: `BENCH_N` (messages per run, 100000), `BENCH_ROUNDS` (rounds of
-//! raw w1000 / relay per batch size, 3), `BENCH_BATCH_SIZES` (200,1000),
-//! `BENCH_REF_WINDOWS` (reference raw windows run once, 100,1).
+//! raw w1000 bare, raw w1000 with the relay's properties and the relay per
+//! batch size, 3), `BENCH_BATCH_SIZES` (200,1000), `BENCH_REF_WINDOWS`
+//! (reference raw windows run once, bare, 100,1), `BENCH_QUEUE_DURABLE` (1),
+//! `BENCH_QUIET_WAIT` (seconds to wait for an idle machine, 600).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -12,8 +14,9 @@ use anyhow::{bail, ensure};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use outbox_bench::{
-    Amqp, BenchDb, amqp_url, env_list, env_usize, finish, median, order_body,
-    relay_like_properties, thousands, with_database, write_rows,
+    Amqp, BenchDb, CpuSnapshot, amqp_url, env_list, env_usize, finish, median, order_body,
+    percentile, queue_durable, relay_like_properties, thousands, undisturbed, with_database,
+    write_rows,
 };
 use outbox_core::{Relay, Shutdown};
 use sea_orm::ConnectionTrait;
@@ -23,7 +26,12 @@ const BASE: &str = "/topic/bench.relay";
 const ROUTING_KEY: &str = "bench.relay.v1";
 
 /// Fill the outbox with `n` rows (not timed), drain it with the relay, verify.
-async fn relay_run(bench: &BenchDb, amqp: &Amqp, n: usize, batch: usize) -> anyhow::Result<f64> {
+async fn relay_run(
+    bench: &BenchDb,
+    amqp: &Amqp,
+    n: usize,
+    batch: usize,
+) -> anyhow::Result<(Run, f64)> {
     bench.db.execute_unprepared("TRUNCATE published").await?;
     write_rows(&bench.db, BASE, Some("v1"), n, 1000).await?;
     bench
@@ -34,11 +42,15 @@ async fn relay_run(bench: &BenchDb, amqp: &Amqp, n: usize, batch: usize) -> anyh
     let mut settings = bench.settings();
     settings.relay.batch_size = u32::try_from(batch)?;
     let db = outbox_core::connect(&settings).await?;
+    let cpu = CpuSnapshot::take();
     let start = Instant::now();
     let report = Relay::new(db.clone(), settings)
         .run_until_empty(Shutdown::never())
         .await?;
     let elapsed = start.elapsed().as_secs_f64();
+    let after = CpuSnapshot::take();
+    let other = after.other_share(&cpu, elapsed);
+    let cpu = after.describe(&cpu, elapsed);
     let _ = db.close().await;
     ensure!(
         report.published == n as u64 && report.retried == 0 && report.failed == 0,
@@ -47,12 +59,33 @@ async fn relay_run(bench: &BenchDb, amqp: &Amqp, n: usize, batch: usize) -> anyh
     bench.expect_all_sent(n).await?;
     amqp.expect_count(QUEUE, n).await?;
     amqp.purge(QUEUE).await?;
-    Ok(n as f64 / elapsed)
+    Ok((
+        Run {
+            rate: n as f64 / elapsed,
+            cpu,
+            confirm_ms: Vec::new(),
+        },
+        other,
+    ))
+}
+
+/// What a run measured.
+struct Run {
+    rate: f64,
+    /// CPU seconds per process group during the timed part.
+    cpu: String,
+    /// Publish → confirm times in ms, sorted (raw window 1 only: there each one is a round trip).
+    confirm_ms: Vec<f64>,
 }
 
 /// Publish `n` persistent messages on one confirm-mode channel with at most
 /// `window` unconfirmed; verify every confirm and the queue count.
-async fn raw_run(amqp: &Amqp, n: usize, window: usize, headers: bool) -> anyhow::Result<f64> {
+async fn raw_run(
+    amqp: &Amqp,
+    n: usize,
+    window: usize,
+    headers: bool,
+) -> anyhow::Result<(Run, f64)> {
     amqp.purge(QUEUE).await?;
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -69,9 +102,12 @@ async fn raw_run(amqp: &Amqp, n: usize, window: usize, headers: bool) -> anyhow:
             bad += 1;
         }
     };
+    let mut confirm_ms = Vec::new();
+    let cpu = CpuSnapshot::take();
     let start = Instant::now();
     let mut pending = VecDeque::with_capacity(window);
     for body in &bodies {
+        let sent = Instant::now();
         let properties = if headers {
             relay_like_properties(&destination)
         } else {
@@ -94,19 +130,33 @@ async fn raw_run(amqp: &Amqp, n: usize, window: usize, headers: bool) -> anyhow:
             && let Some(oldest) = pending.pop_front()
         {
             check(oldest.await?);
+            if window == 1 {
+                confirm_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+            }
         }
     }
     while let Some(confirm) = pending.pop_front() {
         check(confirm.await?);
     }
     let elapsed = start.elapsed().as_secs_f64();
+    let after = CpuSnapshot::take();
+    let other = after.other_share(&cpu, elapsed);
+    let cpu = after.describe(&cpu, elapsed);
+    confirm_ms.sort_by(f64::total_cmp);
     let _ = connection.close(200, "bye".into()).await;
     if bad > 0 {
         bail!("raw lapin: {bad} of {n} messages were not acked cleanly");
     }
     amqp.expect_count(QUEUE, n).await?;
     amqp.purge(QUEUE).await?;
-    Ok(n as f64 / elapsed)
+    Ok((
+        Run {
+            rate: n as f64 / elapsed,
+            cpu,
+            confirm_ms,
+        },
+        other,
+    ))
 }
 
 async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
@@ -116,15 +166,21 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
     let windows = env_list("BENCH_REF_WINDOWS", &[100, 1])?;
     let body_len = serde_json::to_vec(&order_body(n / 2))?.len();
     println!(
-        "method: N = {n} messages per run to amq.topic / {ROUTING_KEY}, bound to one durable \
-         classic queue `{QUEUE}`; body ~{body_len} bytes of JSON; persistent, mandatory. \
-         relay: outbox filled with write_all (1000 rows/statement, not timed), then \
-         Relay::run_until_empty timed from call to return (includes broker connect), \
-         batch sizes {batches:?}. raw: one lapin confirm-mode channel, same body and the \
-         relay's properties (5 dop-* headers, message_id, correlation_id, content_type), \
-         at most `window` unconfirmed. {rounds} rounds of raw w1000 + relay per batch size, \
-         interleaved; median reported. After each run: queue holds exactly N, then purged; \
-         relay runs also check report.published = N and every row status 2."
+        "method: N = {n} messages per run to amq.topic / {ROUTING_KEY}, bound to one classic \
+         queue `{QUEUE}` (durable: {durable}); body ~{body_len} bytes of JSON; persistent \
+         (delivery_mode 2), mandatory. relay: outbox filled with write_all (1000 rows per \
+         statement, not timed), then Relay::run_until_empty timed from call to return \
+         (includes the broker connect), batch sizes {batches:?}. raw: one lapin confirm-mode \
+         channel, the same bodies, at most `window` unconfirmed; two variants: `bare` = \
+         delivery_mode 2 only (as briefed), `relay properties` = also the relay's 5 dop-* \
+         headers, message_id, correlation_id, content_type (what the relay must send). \
+         {rounds} rounds of raw bare w1000, raw relay-properties w1000 and relay per batch \
+         size, interleaved, order rotated; median reported; references run once. Before each \
+         run: wait for an idle machine; a run during which other processes used > 10% of a \
+         core is repeated. After each run: queue holds exactly N, then purged; relay runs also \
+         check report.published = N, nothing retried or failed, every row status 2. CPU \
+         seconds per process group from /proc over each timed part.",
+        durable = queue_durable()
     );
     let amqp = Amqp::connect().await?;
     amqp.bound_queue(QUEUE, ROUTING_KEY, false).await?;
@@ -132,6 +188,37 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
     amqp.delete(QUEUE).await?;
     amqp.close().await;
     result
+}
+
+/// One kind of timed run.
+#[derive(Clone, Copy)]
+enum Kind {
+    Raw { window: usize, headers: bool },
+    Relay { batch: usize },
+}
+
+impl Kind {
+    fn label(self) -> String {
+        match self {
+            Kind::Raw { window, headers } => format!(
+                "raw lapin, window {window}, {}",
+                if headers { "relay properties" } else { "bare" }
+            ),
+            Kind::Relay { batch } => format!("relay, batch_size {batch}"),
+        }
+    }
+
+    async fn run(self, bench: &BenchDb, amqp: &Amqp, n: usize) -> anyhow::Result<Run> {
+        let label = self.label();
+        match self {
+            Kind::Raw { window, headers } => {
+                undisturbed(&label, async || raw_run(amqp, n, window, headers).await).await
+            }
+            Kind::Relay { batch } => {
+                undisturbed(&label, async || relay_run(bench, amqp, n, batch).await).await
+            }
+        }
+    }
 }
 
 async fn measure(
@@ -142,67 +229,95 @@ async fn measure(
     batches: &[usize],
     windows: &[usize],
 ) -> anyhow::Result<()> {
-    // runs[0] = raw w1000, runs[1..] = relay per batch size
-    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); 1 + batches.len()];
+    let mut kinds = vec![
+        Kind::Raw {
+            window: 1000,
+            headers: false,
+        },
+        Kind::Raw {
+            window: 1000,
+            headers: true,
+        },
+    ];
+    kinds.extend(batches.iter().map(|&batch| Kind::Relay { batch }));
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
     for round in 0..rounds {
-        let mut line = format!("round {}:", round + 1);
-        for k in 0..runs.len() {
-            let index = (round + k) % runs.len();
-            let rate = if index == 0 {
-                let rate = raw_run(amqp, n, 1000, true).await?;
-                line.push_str(&format!("  raw w1000 {}/s", thousands(rate)));
-                rate
-            } else {
-                let batch = batches[index - 1];
-                let rate = relay_run(bench, amqp, n, batch).await?;
-                line.push_str(&format!("  relay b{batch} {}/s", thousands(rate)));
-                rate
-            };
-            runs[index].push(rate);
+        for k in 0..kinds.len() {
+            let index = (round + k) % kinds.len();
+            let run = kinds[index].run(bench, amqp, n).await?;
+            println!(
+                "round {}: {} {}/s   CPU: {}",
+                round + 1,
+                kinds[index].label(),
+                thousands(run.rate),
+                run.cpu
+            );
+            runs[index].push(run.rate);
         }
-        println!("{line}");
     }
     let mut references = Vec::new();
     for &window in windows {
-        let rate = raw_run(amqp, n, window, true).await?;
-        println!("reference: raw w{window} {}/s", thousands(rate));
-        references.push((format!("raw lapin, window {window}"), rate));
-    }
-    let rate = raw_run(amqp, n, 1000, false).await?;
-    println!("reference: raw w1000 without headers {}/s", thousands(rate));
-    references.push((
-        "raw lapin, window 1000, no headers/properties".to_owned(),
-        rate,
-    ));
-
-    let raw = median(&runs[0]);
-    println!();
-    println!("| path | msg/s | runs | vs raw w1000 |");
-    println!("|---|---:|---:|---:|");
-    println!(
-        "| raw lapin, window 1000 (median) | {} | {} | 1.00 |",
-        thousands(raw),
-        rounds
-    );
-    for (i, batch) in batches.iter().enumerate() {
-        let m = median(&runs[i + 1]);
+        let kind = Kind::Raw {
+            window,
+            headers: false,
+        };
+        let run = kind.run(bench, amqp, n).await?;
         println!(
-            "| relay, batch_size {batch} (median) | {} | {} | {:.2} |",
-            thousands(m),
-            rounds,
-            m / raw
+            "reference: {} {}/s   CPU: {}",
+            kind.label(),
+            thousands(run.rate),
+            run.cpu
+        );
+        if window == 1 {
+            let c = &run.confirm_ms;
+            println!(
+                "  one publish -> confirm (window 1): p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                percentile(c, 50.0),
+                percentile(c, 90.0),
+                percentile(c, 99.0),
+                percentile(c, 100.0)
+            );
+        }
+        references.push((kind.label(), run.rate));
+    }
+
+    let medians: Vec<f64> = runs.iter().map(|r| median(r)).collect();
+    let (bare, like) = (medians[0], medians[1]);
+    println!();
+    println!(
+        "| path | msg/s (median of {rounds}) | min | max | vs raw w1000 bare | vs raw w1000 relay properties |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (index, kind) in kinds.iter().enumerate() {
+        let r = &runs[index];
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} |",
+            kind.label(),
+            thousands(medians[index]),
+            thousands(r.iter().copied().fold(f64::INFINITY, f64::min)),
+            thousands(r.iter().copied().fold(0.0, f64::max)),
+            medians[index] / bare,
+            medians[index] / like
         );
     }
     for (label, rate) in &references {
-        println!("| {label} | {} | 1 | {:.2} |", thousands(*rate), rate / raw);
+        println!(
+            "| {label} (once) | {} | | | {:.2} | {:.2} |",
+            thousands(*rate),
+            rate / bare,
+            rate / like
+        );
     }
     println!();
-    for (i, batch) in batches.iter().enumerate() {
-        let ratio = median(&runs[i + 1]) / raw;
-        println!(
-            "ratio relay(batch {batch}) / raw w1000 = {ratio:.3} (target >= 0.75): {}",
-            if ratio >= 0.75 { "MET" } else { "NOT MET" }
-        );
+    for (index, kind) in kinds.iter().enumerate().skip(2) {
+        for (name, raw) in [("bare (as briefed)", bare), ("with relay properties", like)] {
+            let ratio = medians[index] / raw;
+            println!(
+                "ratio {} / raw w1000 {name} = {ratio:.3} (target >= 0.75): {}",
+                kind.label(),
+                if ratio >= 0.75 { "MET" } else { "NOT MET" }
+            );
+        }
     }
     Ok(())
 }

@@ -15,7 +15,10 @@ use std::time::Instant;
 
 use anyhow::ensure;
 use chrono::{DateTime, Duration, SubsecRound, Utc};
-use outbox_bench::{BenchDb, connect, env_usize, finish, median, order, thousands, with_database};
+use outbox_bench::{
+    BenchDb, CpuSnapshot, connect, env_usize, finish, median, order, thousands, undisturbed,
+    wait_quiet, with_database,
+};
 use outbox_core::{Message, PublishExt};
 use sea_orm::sqlx::postgres::{PgPool, PgPoolOptions};
 use sea_orm::sqlx::types::Json;
@@ -147,8 +150,10 @@ async fn save_derive(db: &DatabaseConnection, i: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `n` sequential saves one way; saves per second.
-async fn run(clients: &Clients, way: Way, n: usize) -> anyhow::Result<f64> {
+/// `n` sequential saves one way; saves per second, and the share of a core
+/// other processes used meanwhile.
+async fn run(clients: &Clients, way: Way, n: usize) -> anyhow::Result<(f64, f64)> {
+    let cpu = CpuSnapshot::take();
     let start = Instant::now();
     for i in 0..n as i64 {
         match way {
@@ -157,13 +162,14 @@ async fn run(clients: &Clients, way: Way, n: usize) -> anyhow::Result<f64> {
             Way::Derive => save_derive(&clients.derive, i).await?,
         }
     }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    let wall = start.elapsed().as_secs_f64();
+    Ok((n as f64 / wall, CpuSnapshot::take().other_share(&cpu, wall)))
 }
 
 /// Every save wrote its order and exactly one matching outbox row, all three
 /// ways wrote rows of the same shape.
-async fn verify(bench: &BenchDb, per_way: usize) -> anyhow::Result<()> {
-    for way in Way::ALL {
+async fn verify(bench: &BenchDb, saved: [usize; 3]) -> anyhow::Result<()> {
+    for (way, per_way) in Way::ALL.into_iter().zip(saved) {
         let tag = way.tag();
         let orders = bench
             .scalar(&format!(
@@ -185,10 +191,10 @@ async fn verify(bench: &BenchDb, per_way: usize) -> anyhow::Result<()> {
         );
     }
     let total = bench.scalar("SELECT COUNT(*) FROM published").await?;
+    let expected: usize = saved.iter().sum();
     ensure!(
-        total == 3 * per_way as i64,
-        "{total} outbox rows, expected {}",
-        3 * per_way
+        total == expected as i64,
+        "{total} outbox rows, expected {expected}"
     );
     for column in ["body", "headers"] {
         let shapes = bench
@@ -229,18 +235,25 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
         run(&clients, way, warmup).await?;
     }
     let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut saved = [warmup; 3];
     for round in 0..rounds {
+        wait_quiet().await?;
         let mut line = format!("round {}:", round + 1);
         for k in 0..3 {
             let index = (round + k) % 3;
             let way = Way::ALL[index];
-            let rate = run(&clients, way, n).await?;
+            let rate = undisturbed(way.tag(), async || {
+                saved[index] += n;
+                run(&clients, way, n).await
+            })
+            .await?;
             rates[index].push(rate);
             line.push_str(&format!("  {} {}/s", way.tag(), thousands(rate)));
         }
         println!("{line}");
     }
-    verify(bench, warmup + rounds * n).await?;
+    verify(bench, saved).await?;
+    println!("verified: {saved:?} saves (raw, seaorm, derive; warm-up and repeats included)");
 
     let medians: Vec<f64> = rates.iter().map(|r| median(r)).collect();
     println!();
