@@ -282,3 +282,63 @@ async fn direct_send_is_confirmed_or_refused() {
     broker.delete_queue(&queue).await;
     direct.close().await;
 }
+
+/// lapin attaches a returned message to whichever confirm completes next;
+/// under load RabbitMQ acks many messages at once. Returns must still be
+/// matched to the right rows: interleave unroutable messages with good ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn returns_are_matched_to_their_own_messages() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let broker = TestBroker::connect().await;
+    let rk = key();
+    let queue = broker.bound_queue("amq.topic", &rk).await;
+    let nowhere = format!("/topic/nobody.{}", Uuid::new_v4().simple());
+    let mut unroutable = HashSet::new();
+    let mut good = HashSet::new();
+    for n in 0..3_000 {
+        let destination = if n % 7 == 3 {
+            nowhere.clone()
+        } else {
+            format!("/topic/{rk}")
+        };
+        let row = outbox_core::write(
+            &t.db,
+            outbox_core::Message::new(&destination, serde_json::json!({"n": n})).unwrap(),
+        )
+        .await
+        .unwrap();
+        if n % 7 == 3 {
+            unroutable.insert(row.id)
+        } else {
+            good.insert(row.id)
+        };
+    }
+    let mut settings = settings(&t.url);
+    settings.relay.max_retry_attempts = 1;
+    settings.relay.batch_size = 500;
+    let report = Relay::new(t.db.clone(), settings)
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.published, report.failed),
+        (good.len() as u64, unroutable.len() as u64)
+    );
+    for row in published::Entity::find().all(&t.db).await.unwrap() {
+        let expected = if unroutable.contains(&row.id) {
+            Status::Failed
+        } else {
+            Status::Succeeded
+        };
+        assert_eq!(row.status, expected, "row {} ({})", row.id, row.destination);
+    }
+    let received = broker
+        .take(&queue, good.len() + 1, Duration::from_secs(3))
+        .await;
+    let got: HashSet<Uuid> = received
+        .iter()
+        .map(|m| m.headers[headers::MSG_ID].parse().unwrap())
+        .collect();
+    assert_eq!(got, good);
+    broker.delete_queue(&queue).await;
+}

@@ -63,7 +63,7 @@ pub use admin::{
     DeadLetter, DestinationCounts, FailedSelection, OutboxStatus, dead_letters, discard_failed,
     failed_message, failed_messages, outbox_status, replay_dead_letters, retry_failed,
 };
-pub use broker::{Broker, Outcome, Outgoing, QueueDeclaration, declare_subscription};
+pub use broker::{Broker, InFlight, Outcome, Outgoing, QueueDeclaration, declare_subscription};
 pub use callback::{Callback, CallbackFuture, CallbackResult, find_callback, registered_callbacks};
 pub use connect::connect;
 pub use consumer::{Consumer, ConsumerReport, Handled, Payload};

@@ -58,6 +58,8 @@ pub struct RelaySettings {
     pub wait_retry: Duration,
     /// `relay.waiting_time`: poll interval when idle. Python: `DEFAULT_PRODUCER_WAITING_TIME`.
     pub waiting_time: Duration,
+    /// `relay.max_in_flight`: messages published and not yet confirmed, across batches.
+    pub max_in_flight: u32,
     /// `relay.claim_lease`: how long a claimed row stays reserved for one relay.
     pub claim_lease: Duration,
     /// `relay.unroutable`: `retry` or `accept`.
@@ -130,6 +132,7 @@ impl Default for Settings {
                 pause_for_retry: Duration::from_secs(240),
                 wait_retry: Duration::from_secs(60),
                 waiting_time: Duration::from_secs(1),
+                max_in_flight: 1000,
                 claim_lease: Duration::from_secs(60),
                 unroutable: Unroutable::Retry,
                 listen: true,

@@ -54,6 +54,152 @@ pub enum Outcome {
     Rejected(String),
 }
 
+/// Published messages whose confirms are still to come.
+///
+/// lapin hands a returned (unroutable) message to whichever confirm it
+/// completes next, and a `multiple` ack completes its confirms in hash
+/// order: the return can ride on another message's confirm, even one of a
+/// later batch. So returns are matched to messages by their `message_id`
+/// (the `dop-msg-id`), never by the confirm that carried them.
+#[derive(Debug)]
+pub struct InFlight {
+    slots: Vec<Slot>,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// Sent; the broker's answer is still to come.
+    Waiting {
+        id: String,
+        confirm: lapin::PublisherConfirm,
+    },
+    /// Sent and answered.
+    Done { id: String, acked: bool },
+    /// Not sent (e.g. its exchange does not exist).
+    Refused(String),
+}
+
+/// Message ids the broker returned as unroutable, not yet matched to their message.
+#[derive(Debug, Default)]
+pub(crate) struct Returns(std::collections::HashSet<String>);
+
+impl Returns {
+    /// Note a confirm's result: its returned message, if any.
+    fn record(&mut self, confirmation: Confirmation) -> bool {
+        let (acked, returned) = match confirmation {
+            Confirmation::Ack(returned) => (true, returned),
+            Confirmation::Nack(returned) => (false, returned),
+            Confirmation::NotRequested => (true, None),
+        };
+        if let Some(returned) = returned {
+            let properties = &returned.delivery.properties;
+            let id = properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .or_else(|| {
+                    properties.headers().as_ref().and_then(|table| {
+                        match table.inner().get(crate::headers::MSG_ID) {
+                            Some(AMQPValue::LongString(id)) => {
+                                Some(String::from_utf8_lossy(id.as_bytes()).into_owned())
+                            }
+                            _ => None,
+                        }
+                    })
+                });
+            match id {
+                Some(id) => {
+                    self.0.insert(id);
+                }
+                None => warn!("the broker returned a message without an id; it cannot be matched"),
+            }
+        }
+        acked
+    }
+}
+
+impl InFlight {
+    /// How many messages.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Wait for every confirm (at most `operation_timeout` from now), then say
+    /// what happened to each message, in order. `Err` means the connection failed.
+    pub async fn outcomes(mut self) -> Result<Vec<Outcome>> {
+        let mut returns = Returns::default();
+        self.wait(&mut returns).await?;
+        Ok(self.finish(&mut returns))
+    }
+
+    /// Wait for every confirm of this batch, noting returns.
+    pub(crate) async fn wait(&mut self, returns: &mut Returns) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        for slot in &mut self.slots {
+            if let Slot::Waiting { id, confirm } = slot {
+                let confirmation = match tokio::time::timeout_at(deadline, confirm).await {
+                    Err(_) => {
+                        return Err(Error::BrokerTimeout {
+                            operation: "publisher confirm",
+                            timeout: self.timeout,
+                        });
+                    }
+                    Ok(confirmation) => confirmation?,
+                };
+                let acked = returns.record(confirmation);
+                *slot = Slot::Done {
+                    id: std::mem::take(id),
+                    acked,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Note the confirms that already arrived, without waiting: a return for
+    /// an earlier batch may ride on one of them.
+    pub(crate) fn harvest(&mut self, returns: &mut Returns) {
+        use futures_util::FutureExt as _;
+        for slot in &mut self.slots {
+            if let Slot::Waiting { id, confirm } = slot
+                && let Some(Ok(confirmation)) = confirm.now_or_never()
+            {
+                let acked = returns.record(confirmation);
+                *slot = Slot::Done {
+                    id: std::mem::take(id),
+                    acked,
+                };
+            }
+        }
+    }
+
+    /// The outcome of each message, once [`InFlight::wait`] returned and the
+    /// later batches were harvested.
+    pub(crate) fn finish(self, returns: &mut Returns) -> Vec<Outcome> {
+        self.slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Refused(reason) => Outcome::Rejected(reason),
+                Slot::Done { id, .. } if returns.0.remove(&id) => Outcome::Returned(
+                    "unroutable: the broker returned it (312 NO_ROUTE); bind a queue to the destination"
+                        .to_owned(),
+                ),
+                Slot::Done { acked: true, .. } => Outcome::Confirmed,
+                Slot::Done { acked: false, .. } => {
+                    Outcome::Rejected("the broker refused the message (nack)".to_owned())
+                }
+                Slot::Waiting { .. } => Outcome::Rejected("no confirm received".to_owned()),
+            })
+            .collect()
+    }
+}
+
 /// How long a positive "this exchange/queue exists" check is trusted.
 const TOPOLOGY_CACHE: Duration = Duration::from_secs(30);
 
@@ -116,11 +262,17 @@ impl Broker {
     /// An `Err` means the connection failed: outcomes are unknown and the
     /// caller must not count attempts against the messages.
     pub async fn publish(&mut self, messages: &[Outgoing<'_>]) -> Result<Vec<Outcome>> {
+        self.start_publish(messages).await?.outcomes().await
+    }
+
+    /// Send the frames of `messages` and return without waiting for the
+    /// confirms, so the caller can keep several batches in flight.
+    pub async fn start_publish(&mut self, messages: &[Outgoing<'_>]) -> Result<InFlight> {
         let refused = self.check_destinations(messages).await?;
-        let mut pending = Vec::with_capacity(messages.len());
-        for (message, refused) in messages.iter().zip(&refused) {
+        let mut slots = Vec::with_capacity(messages.len());
+        for (message, refused) in messages.iter().zip(refused) {
             if let Some(reason) = refused {
-                pending.push(Err(reason.clone()));
+                slots.push(Slot::Refused(reason));
                 continue;
             }
             let confirm = with_timeout(
@@ -138,35 +290,17 @@ impl Broker {
                 ),
             )
             .await?;
-            pending.push(Ok(confirm));
+            let id = message
+                .headers
+                .get(crate::headers::MSG_ID)
+                .cloned()
+                .unwrap_or_default();
+            slots.push(Slot::Waiting { id, confirm });
         }
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut outcomes = Vec::with_capacity(pending.len());
-        for item in pending {
-            let outcome = match item {
-                Err(reason) => Outcome::Rejected(reason),
-                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
-                    Err(_) => {
-                        return Err(Error::BrokerTimeout {
-                            operation: "publisher confirm",
-                            timeout: self.timeout,
-                        });
-                    }
-                    Ok(confirmation) => match confirmation? {
-                        Confirmation::Ack(None) | Confirmation::NotRequested => Outcome::Confirmed,
-                        Confirmation::Ack(Some(returned)) => Outcome::Returned(format!(
-                            "unroutable: the broker returned it ({} {}); bind a queue to the destination",
-                            returned.reply_code, returned.reply_text
-                        )),
-                        Confirmation::Nack(_) => {
-                            Outcome::Rejected("the broker refused the message (nack)".to_owned())
-                        }
-                    },
-                },
-            };
-            outcomes.push(outcome);
-        }
-        Ok(outcomes)
+        Ok(InFlight {
+            slots,
+            timeout: self.timeout,
+        })
     }
 
     /// Send one message directly, without the outbox (the Python library's

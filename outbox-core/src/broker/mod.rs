@@ -3,6 +3,7 @@
 mod amqp;
 mod topology;
 
+pub(crate) use amqp::Returns;
 pub(crate) use amqp::with_timeout;
-pub use amqp::{Broker, Outcome, Outgoing};
+pub use amqp::{Broker, InFlight, Outcome, Outgoing};
 pub use topology::{QueueDeclaration, declare_subscription};

@@ -4,7 +4,7 @@ mod listen;
 mod schedule;
 mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::broker::{Broker, Outcome, Outgoing};
+use crate::broker::{Broker, InFlight, Outcome, Outgoing, Returns};
 use crate::metrics::Metrics;
 use crate::retention::{Retention, Table};
 use crate::settings::Unroutable;
@@ -98,11 +98,10 @@ impl Relay {
         if let Some(listener) = listener {
             listener.abort();
         }
-        // Whatever happened, finish marking what the broker confirmed.
+        // Whatever happened: collect and mark what is in flight (the stop
+        // is graceful), give back what cannot be confirmed, finish marking.
+        self.drain_in_flight(&mut state).await;
         state.finish_marking().await;
-        if let Some(rows) = state.claimed.take() {
-            self.release(&rows).await;
-        }
         if let Some(broker) = state.broker.take() {
             broker.close().await;
         }
@@ -131,6 +130,8 @@ impl Relay {
             self.log_progress(state).await;
 
             if state.broker.as_ref().is_none_or(|b| !b.is_connected()) {
+                // Batches sent on a dead connection have unknown outcomes.
+                self.release_in_flight(state).await;
                 state.broker = None;
                 match Broker::connect(&self.settings.broker, &self.name).await {
                     Ok(broker) => {
@@ -147,34 +148,76 @@ impl Relay {
                 }
             }
 
-            let batch = match state.claimed.take() {
-                Some(rows) => rows,
-                None => match self.claim().await {
-                    Ok(rows) => rows,
-                    Err(err) if err.is_transient() => {
-                        self.outage(state, shutdown, "cannot claim rows from the database", &err)
-                            .await?;
-                        continue;
-                    }
-                    Err(err) => return Err(err),
-                },
-            };
-
-            if batch.is_empty() {
-                // Marking may have made failed rows due again (attempts 1 and 2 retry at once).
-                let was_marking = state.marking.is_some();
-                state.finish_marking().await;
-                if was_marking {
+            // Keep up to `max_in_flight` messages waiting for confirms: the
+            // broker works on earlier batches while we claim the next one.
+            match self.fill_window(state, shutdown).await {
+                Ok(()) => {}
+                Err(err) if err.is_transient() => {
+                    let what = if matches!(err, Error::Database(_)) {
+                        "cannot claim rows from the database"
+                    } else {
+                        "publishing failed; will reconnect"
+                    };
+                    self.release_in_flight(state).await;
+                    state.broker = None;
+                    self.outage(state, shutdown, what, &err).await?;
                     continue;
                 }
-                if mode == Mode::UntilEmpty {
-                    return Ok(());
+                Err(err) => return Err(err),
+            }
+
+            // Collect the oldest batch's confirms and mark it.
+            if let Some(batch) = state.in_flight.pop_front() {
+                state.in_flight_messages -= batch.rows.len();
+                match self.collect(batch.confirms, state).await {
+                    Ok(outcomes) => {
+                        state.backoff.reset();
+                        let outcomes = merge_outcomes(&batch.prepared, outcomes);
+                        let marking = self.spawn_mark(batch.rows, outcomes, &mut state.report);
+                        state.marking.push(marking);
+                        state.reap_marking();
+                    }
+                    Err(err) => {
+                        // Not the messages' fault: give them back without counting an attempt.
+                        self.release(&batch.rows).await;
+                        self.release_in_flight(state).await;
+                        state.broker = None;
+                        self.outage(state, shutdown, "publishing failed; will reconnect", &err)
+                            .await?;
+                    }
                 }
-                self.idle(shutdown, wake).await;
+                self.retention.maybe_spawn(&self.db, Table::Published).await;
                 continue;
             }
 
-            let prepared = prepare(&batch);
+            // Nothing in flight and nothing claimable. Marking may have made
+            // failed rows due again (attempts 1 and 2 retry at once).
+            if !state.marking.is_empty() {
+                state.finish_marking().await;
+                continue;
+            }
+            if mode == Mode::UntilEmpty {
+                return Ok(());
+            }
+            self.idle(shutdown, wake).await;
+        }
+    }
+
+    /// Claim and send batches until the window is full or nothing is due.
+    async fn fill_window(&self, state: &mut State, shutdown: &Shutdown) -> Result<()> {
+        let window = self.settings.relay.max_in_flight as usize;
+        while state.in_flight_messages < window.max(1) && !shutdown.is_triggered() {
+            if self.store.backend() == sea_orm::DbBackend::MySql {
+                // InnoDB's SKIP LOCKED may pass over rows next to ones being
+                // marked; let marks finish so the claim keeps creation order.
+                state.finish_marking().await;
+            }
+            let rows = self.claim().await?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let full = rows.len() >= self.settings.relay.batch_size as usize;
+            let prepared = prepare(&rows);
             let outgoing: Vec<Outgoing<'_>> = prepared
                 .iter()
                 .filter_map(|p| p.as_ref().ok())
@@ -185,51 +228,67 @@ impl Relay {
                 })
                 .collect();
             let Some(broker) = state.broker.as_mut() else {
-                state.claimed = Some(batch);
-                continue;
+                self.release(&rows).await;
+                return Ok(());
             };
-            // Claim the next batch while the broker confirms this one; first
-            // let the previous batch's marking finish, so the claim does not
-            // skip rows that marking holds locked and creation order is kept.
-            let previous_marking = state.marking.take();
-            let claim_next = async {
-                if let Some(marking) = previous_marking
-                    && let Err(err) = marking.await
-                {
-                    error!(error = %err, "marking task failed");
-                }
-                if shutdown.is_triggered() {
-                    Ok(Vec::new())
-                } else {
-                    self.claim().await
+            let confirms = match broker.start_publish(&outgoing).await {
+                Ok(confirms) => confirms,
+                Err(err) => {
+                    drop(outgoing);
+                    self.release(&rows).await;
+                    return Err(err);
                 }
             };
-            let (published, next) = tokio::join!(broker.publish(&outgoing), claim_next);
             drop(outgoing);
-            match next {
-                Ok(rows) if !rows.is_empty() => state.claimed = Some(rows),
-                Ok(_) => {}
-                Err(err) => {
-                    warn!(relay = %self.name, error = %report(&err), "claiming the next batch failed")
-                }
+            state.in_flight_messages += rows.len();
+            state.in_flight.push_back(Batch {
+                rows,
+                prepared,
+                confirms,
+            });
+            if !full {
+                // The backlog is drained for now; collect what is in flight.
+                return Ok(());
             }
-            match published {
-                Ok(outcomes) => {
-                    state.backoff.reset();
-                    let outcomes = merge_outcomes(&prepared, outcomes);
-                    state.finish_marking().await;
-                    state.marking = Some(self.spawn_mark(batch, outcomes, &mut state.report));
-                }
-                Err(err) => {
-                    // Not the messages' fault: give them back without counting an attempt.
-                    self.release(&batch).await;
-                    state.broker = None;
-                    self.outage(state, shutdown, "publishing failed; will reconnect", &err)
-                        .await?;
-                }
-            }
-            self.retention.maybe_spawn(&self.db, Table::Published).await;
         }
+        Ok(())
+    }
+
+    /// Give back every batch still waiting for confirms.
+    async fn release_in_flight(&self, state: &mut State) {
+        while let Some(batch) = state.in_flight.pop_front() {
+            self.release(&batch.rows).await;
+        }
+        state.in_flight_messages = 0;
+        state.returns = Returns::default();
+    }
+
+    /// Wait for a batch's confirms; returns riding on later batches' confirms
+    /// are picked up too (see [`InFlight`]).
+    async fn collect(&self, mut confirms: InFlight, state: &mut State) -> Result<Vec<Outcome>> {
+        confirms.wait(&mut state.returns).await?;
+        for later in &mut state.in_flight {
+            later.confirms.harvest(&mut state.returns);
+        }
+        Ok(confirms.finish(&mut state.returns))
+    }
+
+    /// On the way out: wait for the confirms of what was sent and mark it.
+    async fn drain_in_flight(&self, state: &mut State) {
+        while let Some(batch) = state.in_flight.pop_front() {
+            match self.collect(batch.confirms, state).await {
+                Ok(outcomes) => {
+                    let outcomes = merge_outcomes(&batch.prepared, outcomes);
+                    let marking = self.spawn_mark(batch.rows, outcomes, &mut state.report);
+                    state.marking.push(marking);
+                }
+                Err(err) => {
+                    warn!(relay = %self.name, error = %report(&err), rows = batch.rows.len(), "confirms lost while stopping; the rows will be sent again");
+                    self.release(&batch.rows).await;
+                }
+            }
+        }
+        state.in_flight_messages = 0;
     }
 
     async fn claim(&self) -> Result<Vec<ClaimedRow>> {
@@ -257,9 +316,6 @@ impl Relay {
         what: &str,
         err: &Error,
     ) -> Result<()> {
-        if let Some(rows) = state.claimed.take() {
-            self.release(&rows).await;
-        }
         let delay = state.backoff.next_delay();
         warn!(
             relay = %self.name,
@@ -423,20 +479,34 @@ impl Relay {
 /// Loop state that survives iterations.
 struct State {
     broker: Option<Broker>,
-    claimed: Option<Vec<ClaimedRow>>,
-    marking: Option<JoinHandle<()>>,
+    /// Batches sent, oldest first, waiting for their confirms.
+    in_flight: VecDeque<Batch>,
+    in_flight_messages: usize,
+    /// Marks of confirmed batches, running in the background.
+    marking: Vec<JoinHandle<()>>,
+    /// Returned message ids not yet matched to their batch.
+    returns: Returns,
     backoff: Backoff,
     report: RelayReport,
     last_progress: Instant,
     published_at_last_progress: u64,
 }
 
+/// One claimed batch on the wire.
+struct Batch {
+    rows: Vec<ClaimedRow>,
+    prepared: Vec<std::result::Result<Prepared, String>>,
+    confirms: InFlight,
+}
+
 impl State {
     fn new(maximum_backoff: Duration) -> Self {
         State {
             broker: None,
-            claimed: None,
-            marking: None,
+            in_flight: VecDeque::new(),
+            in_flight_messages: 0,
+            marking: Vec::new(),
+            returns: Returns::default(),
             backoff: Backoff::new(maximum_backoff),
             report: RelayReport::default(),
             last_progress: Instant::now(),
@@ -444,11 +514,16 @@ impl State {
         }
     }
 
+    /// Forget marks that are done.
+    fn reap_marking(&mut self) {
+        self.marking.retain(|marking| !marking.is_finished());
+    }
+
     async fn finish_marking(&mut self) {
-        if let Some(marking) = self.marking.take()
-            && let Err(err) = marking.await
-        {
-            error!(error = %err, "marking task failed");
+        for marking in self.marking.drain(..) {
+            if let Err(err) = marking.await {
+                error!(error = %err, "marking task failed");
+            }
         }
     }
 }
