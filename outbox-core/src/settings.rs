@@ -132,7 +132,7 @@ impl Default for Settings {
                 pause_for_retry: Duration::from_secs(240),
                 wait_retry: Duration::from_secs(60),
                 waiting_time: Duration::from_secs(1),
-                max_in_flight: 1000,
+                max_in_flight: 2000,
                 claim_lease: Duration::from_secs(60),
                 unroutable: Unroutable::Retry,
                 listen: true,

@@ -101,6 +101,9 @@ impl Relay {
         // Whatever happened: collect and mark what is in flight (the stop
         // is graceful), give back what cannot be confirmed, finish marking.
         self.drain_in_flight(&mut state).await;
+        if let Some(rows) = state.ahead.take() {
+            self.release(&rows).await;
+        }
         state.finish_marking().await;
         if let Some(broker) = state.broker.take() {
             broker.close().await;
@@ -166,10 +169,32 @@ impl Relay {
                 Err(err) => return Err(err),
             }
 
-            // Collect the oldest batch's confirms and mark it.
+            // Collect the oldest batch's confirms and mark it, and meanwhile
+            // claim the next batch so it is ready when the window has room.
             if let Some(batch) = state.in_flight.pop_front() {
                 state.in_flight_messages -= batch.rows.len();
-                match self.collect(batch.confirms, state).await {
+                let claim_ahead = state.ahead.is_none()
+                    && state.backlog_left
+                    && !shutdown.is_triggered()
+                    && self.store.backend() != sea_orm::DbBackend::MySql;
+                let (collected, ahead) = tokio::join!(
+                    collect(batch.confirms, &mut state.returns, &mut state.in_flight),
+                    async {
+                        if claim_ahead {
+                            self.claim().await.map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                    }
+                );
+                match ahead {
+                    Ok(Some(rows)) if !rows.is_empty() => state.ahead = Some(rows),
+                    Ok(_) => {}
+                    Err(err) => {
+                        warn!(relay = %self.name, error = %report(&err), "claiming ahead failed")
+                    }
+                }
+                match collected {
                     Ok(outcomes) => {
                         state.backoff.reset();
                         let outcomes = merge_outcomes(&batch.prepared, outcomes);
@@ -205,18 +230,26 @@ impl Relay {
 
     /// Claim and send batches until the window is full or nothing is due.
     async fn fill_window(&self, state: &mut State, shutdown: &Shutdown) -> Result<()> {
-        let window = self.settings.relay.max_in_flight as usize;
-        while state.in_flight_messages < window.max(1) && !shutdown.is_triggered() {
-            if self.store.backend() == sea_orm::DbBackend::MySql {
-                // InnoDB's SKIP LOCKED may pass over rows next to ones being
-                // marked; let marks finish so the claim keeps creation order.
-                state.finish_marking().await;
-            }
-            let rows = self.claim().await?;
+        // At least two batches, so one is always on the wire while the next is claimed.
+        let batch_size = self.settings.relay.batch_size as usize;
+        let window = (self.settings.relay.max_in_flight as usize).max(2 * batch_size);
+        while state.in_flight_messages < window && !shutdown.is_triggered() {
+            let rows = match state.ahead.take() {
+                Some(rows) => rows,
+                None => {
+                    if self.store.backend() == sea_orm::DbBackend::MySql {
+                        // InnoDB's SKIP LOCKED may pass over rows next to ones being
+                        // marked; let marks finish so the claim keeps creation order.
+                        state.finish_marking().await;
+                    }
+                    self.claim().await?
+                }
+            };
+            let full = rows.len() >= batch_size;
+            state.backlog_left = full;
             if rows.is_empty() {
                 return Ok(());
             }
-            let full = rows.len() >= self.settings.relay.batch_size as usize;
             let prepared = prepare(&rows);
             let outgoing: Vec<Outgoing<'_>> = prepared
                 .iter()
@@ -256,6 +289,9 @@ impl Relay {
 
     /// Give back every batch still waiting for confirms.
     async fn release_in_flight(&self, state: &mut State) {
+        if let Some(rows) = state.ahead.take() {
+            self.release(&rows).await;
+        }
         while let Some(batch) = state.in_flight.pop_front() {
             self.release(&batch.rows).await;
         }
@@ -263,20 +299,10 @@ impl Relay {
         state.returns = Returns::default();
     }
 
-    /// Wait for a batch's confirms; returns riding on later batches' confirms
-    /// are picked up too (see [`InFlight`]).
-    async fn collect(&self, mut confirms: InFlight, state: &mut State) -> Result<Vec<Outcome>> {
-        confirms.wait(&mut state.returns).await?;
-        for later in &mut state.in_flight {
-            later.confirms.harvest(&mut state.returns);
-        }
-        Ok(confirms.finish(&mut state.returns))
-    }
-
     /// On the way out: wait for the confirms of what was sent and mark it.
     async fn drain_in_flight(&self, state: &mut State) {
         while let Some(batch) = state.in_flight.pop_front() {
-            match self.collect(batch.confirms, state).await {
+            match collect(batch.confirms, &mut state.returns, &mut state.in_flight).await {
                 Ok(outcomes) => {
                     let outcomes = merge_outcomes(&batch.prepared, outcomes);
                     let marking = self.spawn_mark(batch.rows, outcomes, &mut state.report);
@@ -486,6 +512,10 @@ struct State {
     marking: Vec<JoinHandle<()>>,
     /// Returned message ids not yet matched to their batch.
     returns: Returns,
+    /// A batch claimed while the previous one was being confirmed.
+    ahead: Option<Vec<ClaimedRow>>,
+    /// Whether the last claim was full, i.e. more is probably due.
+    backlog_left: bool,
     backoff: Backoff,
     report: RelayReport,
     last_progress: Instant,
@@ -507,6 +537,8 @@ impl State {
             in_flight_messages: 0,
             marking: Vec::new(),
             returns: Returns::default(),
+            ahead: None,
+            backlog_left: false,
             backoff: Backoff::new(maximum_backoff),
             report: RelayReport::default(),
             last_progress: Instant::now(),
@@ -526,6 +558,20 @@ impl State {
             }
         }
     }
+}
+
+/// Wait for a batch's confirms; returns riding on later batches' confirms
+/// are picked up too (see [`InFlight`]).
+async fn collect(
+    mut confirms: InFlight,
+    returns: &mut Returns,
+    later: &mut VecDeque<Batch>,
+) -> Result<Vec<Outcome>> {
+    confirms.wait(returns).await?;
+    for batch in later {
+        batch.confirms.harvest(returns);
+    }
+    Ok(confirms.finish(returns))
 }
 
 /// A claimed row ready for the wire, or why it can never be sent.
