@@ -534,3 +534,94 @@ async fn registered_callback_consumes_what_the_relay_sends() {
     assert_eq!(outbox_ids, inbox_ids, "dedup key = the outbox row id");
     cleanup(&broker, &rk).await;
 }
+
+/// Acks go out in bulk (`multiple`), but never for a delivery still being
+/// handled: a fast message finished behind a slow one is acked on its own,
+/// while the slow one stays unacknowledged until its callback returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn bulk_acks_never_cover_a_message_in_flight() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let broker = TestBroker::connect().await;
+    let (destination, rk) = unique();
+    let mut settings = settings(&t.url);
+    settings.consumer.prefetch = 10;
+    settings.consumer.concurrency = 4;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::clone(&release);
+    let consumer = Consumer::new(
+        t.db.clone(),
+        settings,
+        &destination,
+        None,
+        move |payload: Payload| {
+            let gate = Arc::clone(&gate);
+            async move {
+                if payload.body()["slow"] == true {
+                    gate.notified().await;
+                }
+                Ok(payload.save_alone().await?)
+            }
+        },
+    )
+    .unwrap();
+    let running = start(consumer);
+    declared(&broker, &rk).await;
+    broker
+        .send(
+            "amq.topic",
+            &rk,
+            br#"{"slow": true}"#,
+            &[(headers::MSG_ID, "slow")],
+        )
+        .await;
+    for n in 0..3 {
+        broker
+            .send(
+                "amq.topic",
+                &rk,
+                br#"{"slow": false}"#,
+                &[(headers::MSG_ID, &format!("fast-{n}"))],
+            )
+            .await;
+    }
+    eventually(Duration::from_secs(10), "the fast ones saved", || async {
+        received_count(&t.db).await == 3
+    })
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "only the slow one unacknowledged",
+        || async { unacked(&rk).await == 1 },
+    )
+    .await;
+    release.notify_one();
+    eventually(Duration::from_secs(10), "all acked", || async {
+        unacked(&rk).await == 0 && received_count(&t.db).await == 4
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(report.saved, 4);
+    cleanup(&broker, &rk).await;
+}
+
+/// Deliveries of `queue` sent to a consumer and not yet acknowledged.
+async fn unacked(queue: &str) -> u64 {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .await
+        .expect("run rabbitmqctl");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut parts = line.split_whitespace();
+            (parts.next() == Some(queue)).then(|| parts.next().and_then(|n| n.parse().ok()))?
+        })
+        .unwrap_or(u64::MAX)
+}

@@ -1,6 +1,7 @@
 //! The consumer: a queue's deliveries → deduplicate → callback in its own
 //! transaction → ack after commit, nack to `DLQ.<queue>` on error or panic.
 
+mod acks;
 mod payload;
 
 pub use payload::{Handled, Payload};
@@ -13,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt as _, StreamExt as _};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect};
 use tokio::sync::Semaphore;
@@ -34,6 +33,7 @@ use crate::{
     with_correlation_id,
 };
 
+use acks::{AckEvent, Acks};
 use payload::Decision;
 
 /// What a consumer run did.
@@ -236,6 +236,8 @@ impl Consumer {
 
         let permits = Arc::new(Semaphore::new(settings.consumer.concurrency));
         let mut in_flight = JoinSet::new();
+        let acks = Acks::start(channel.clone());
+        let ack_events = acks.sender();
         let outcome = loop {
             // Reap finished handlers so the set does not grow.
             while in_flight.try_join_next().is_some() {}
@@ -251,8 +253,12 @@ impl Consumer {
                 Some(Ok(delivery)) => {
                     let shared = Arc::clone(&self.shared);
                     let destination = self.destination.clone();
+                    let events = ack_events.clone();
+                    let _ = events.send(AckEvent::Delivered(delivery.delivery_tag));
                     in_flight.spawn(async move {
-                        handle(&shared, &destination, delivery).await;
+                        let tag = delivery.delivery_tag;
+                        let ack = handle(&shared, &destination, delivery).await;
+                        let _ = events.send(AckEvent::Done { tag, ack });
                         drop(permit);
                     });
                 }
@@ -274,11 +280,15 @@ impl Consumer {
             )
             .await;
             self.drain(in_flight).await;
+            drop(ack_events);
+            acks.finish().await;
             broker.close().await;
         } else {
             // The connection broke: handlers finish; their acks fail and the
             // broker redelivers, which the `received` table deduplicates.
             while in_flight.join_next().await.is_some() {}
+            drop(ack_events);
+            acks.finish().await;
         }
         outcome
     }
@@ -312,8 +322,8 @@ fn explain_declare_error(err: Error, queue: &str) -> Error {
     err
 }
 
-/// One delivery, start to ack/nack.
-async fn handle(shared: &Shared, destination: &Destination, delivery: Delivery) {
+/// One delivery, start to decision: `true` to ack, `false` to nack (dead-letter).
+async fn handle(shared: &Shared, destination: &Destination, delivery: Delivery) -> bool {
     let started = Instant::now();
     let headers = header_map(&delivery, destination);
     let msg_id = message_id(&delivery, &headers);
@@ -325,7 +335,7 @@ async fn handle(shared: &Shared, destination: &Destination, delivery: Delivery) 
     let decision = decide(shared, &delivery, headers, msg_id.clone(), correlation_id).await;
     shared.metrics.handle_latency.observe(started.elapsed());
     let id = msg_id.as_deref().unwrap_or("<none>");
-    let result = match &decision {
+    let ack = match &decision {
         Decision::Saved | Decision::Duplicate => {
             let counter = if decision == Decision::Saved {
                 &shared.report.saved
@@ -337,28 +347,20 @@ async fn handle(shared: &Shared, destination: &Destination, delivery: Delivery) 
                 Metrics::add(&shared.metrics.duplicates, 1);
             }
             Metrics::add(&shared.metrics.consumed, 1);
-            delivery.acker.ack(BasicAckOptions::default()).await
+            true
         }
         Decision::Nack(reason) => {
             shared.report.dead_lettered.fetch_add(1, Ordering::Relaxed);
             Metrics::add(&shared.metrics.dead_lettered, 1);
             warn!(msg_id = id, reason = %reason, "message rejected to the dead-letter queue");
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    multiple: false,
-                })
-                .await
+            false
         }
     };
-    if let Err(err) = result {
-        warn!(msg_id = id, error = %err, "could not ack/nack; the broker will redeliver it and the duplicate is skipped");
-    }
     shared
         .retention
         .maybe_spawn(&shared.db, Table::Received)
         .await;
+    ack
 }
 
 async fn decide(
