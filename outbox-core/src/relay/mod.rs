@@ -198,9 +198,11 @@ impl Relay {
                     Ok(outcomes) => {
                         state.backoff.reset();
                         let outcomes = merge_outcomes(&batch.prepared, outcomes);
+                        // One mark at a time: what a crash can resend stays bounded by
+                        // the window plus one batch.
+                        state.finish_marking().await;
                         let marking = self.spawn_mark(batch.rows, outcomes, &mut state.report);
                         state.marking.push(marking);
-                        state.reap_marking();
                     }
                     Err(err) => {
                         // Not the messages' fault: give them back without counting an attempt.
@@ -544,11 +546,6 @@ impl State {
             last_progress: Instant::now(),
             published_at_last_progress: 0,
         }
-    }
-
-    /// Forget marks that are done.
-    fn reap_marking(&mut self) {
-        self.marking.retain(|marking| !marking.is_finished());
     }
 
     async fn finish_marking(&mut self) {
