@@ -296,6 +296,16 @@ async fn dead_letters_can_be_listed_and_replayed() {
     )
     .await;
     assert_eq!(broker.message_count(&dlq).await, 0);
+
+    let missing = format!("cli.nosuch.{}", Uuid::new_v4().simple());
+    let mut command = cli(&t.url);
+    command.args(["dlq", "replay", &missing]);
+    let (ok, _, stderr) = run(command).await;
+    assert!(
+        !ok && stderr.contains(&format!("queue `DLQ.{missing}` does not exist")),
+        "{stderr}"
+    );
+
     stop.trigger();
     running.await.unwrap().unwrap();
     broker.delete_queue(&rk).await;

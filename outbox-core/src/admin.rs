@@ -17,7 +17,7 @@ use serde::Serialize;
 use tracing::info;
 use uuid::Uuid;
 
-use crate::broker::with_timeout;
+use crate::broker::{passive, with_timeout};
 use crate::entity::{published, received};
 use crate::{Broker, Error, Result, Settings, Status};
 
@@ -339,24 +339,23 @@ async fn ensure_queue_exists(broker: &Broker, queue: &str, timeout: Duration) ->
         broker.connection().create_channel(),
     )
     .await?;
-    with_timeout(
-        timeout,
-        "queue.declare",
-        channel.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .map_err(|_| Error::NotDelivered {
-        destination: format!("/queue/{queue}"),
-        reason: format!("queue `{queue}` does not exist"),
-    })?;
-    Ok(())
+    let declare = channel.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    );
+    // A broker that is down is an error of its own, not a missing queue.
+    if passive(broker.connection(), timeout, declare).await? {
+        Ok(())
+    } else {
+        Err(Error::NotDelivered {
+            destination: format!("/queue/{queue}"),
+            reason: format!("queue `{queue}` does not exist"),
+        })
+    }
 }
 
 fn dead_letter(properties: &BasicProperties, body: &[u8]) -> DeadLetter {

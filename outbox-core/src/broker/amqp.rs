@@ -472,7 +472,7 @@ impl Broker {
 /// closes the channel), `Err` when the connection itself failed. lapin may
 /// report the refusal as the channel's closed state rather than the 404, so
 /// the connection's health decides.
-async fn passive<T>(
+pub(crate) async fn passive<T>(
     connection: &Connection,
     timeout: Duration,
     declare: impl Future<Output = lapin::Result<T>>,

@@ -4,6 +4,6 @@ mod amqp;
 mod topology;
 
 pub(crate) use amqp::Returns;
-pub(crate) use amqp::with_timeout;
 pub use amqp::{Broker, InFlight, Outcome, Outgoing};
+pub(crate) use amqp::{passive, with_timeout};
 pub use topology::{QueueDeclaration, declare_subscription};
