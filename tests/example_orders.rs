@@ -6,11 +6,15 @@
 //! cleans up its processes and queues on any exit. Its output is shown with `--nocapture`, and
 //! always when the test fails.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use common::script::{remove_cargo_test_variables, wait_with_limit};
 
 /// Generous: the script may have to build the examples (and, on a fresh machine, install services).
 const LIMIT: Duration = Duration::from_secs(300);
@@ -69,28 +73,6 @@ fn orders_example_runs_end_to_end() {
     }
 }
 
-/// The script runs cargo. Without the variables cargo set for this test, that inner cargo sees
-/// the environment of an ordinary build: build scripts that watch one of them (ring watches
-/// CARGO_MANIFEST_DIR) would otherwise be rebuilt here and again by the next build.
-fn remove_cargo_test_variables(command: &mut Command) {
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("CARGO_PKG_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_BIN_NAME",
-            ]
-            .contains(&name.as_ref())
-        {
-            command.env_remove(name.as_ref());
-        }
-    }
-}
-
 /// Print each line as it comes (captured by the test harness unless `--nocapture`) and keep it.
 fn echo_lines(
     stream: Option<impl Read + Send + 'static>,
@@ -106,31 +88,4 @@ fn echo_lines(
             output.push('\n');
         }
     })
-}
-
-/// The exit status, or `None` after `limit`: then the script gets SIGTERM (its EXIT trap stops
-/// the services it started and deletes its queues) and, 20 s later, SIGKILL.
-fn wait_with_limit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for the script") {
-            return Some(status);
-        }
-        if started.elapsed() > limit {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let grace = Instant::now();
-            while grace.elapsed() < Duration::from_secs(20) {
-                if child.try_wait().ok().flatten().is_some() {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

@@ -3,6 +3,7 @@
 
 pub mod amqp;
 pub mod entities;
+pub mod script;
 
 use std::sync::Once;
 
