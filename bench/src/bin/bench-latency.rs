@@ -94,6 +94,16 @@ async fn consume(
     Ok((consuming, received, channel))
 }
 
+/// Outliers as `(count): +<s since the first measured commit> <ms>, …`, the first 40.
+fn shown_outliers(outliers: &[(f64, f64)]) -> String {
+    let shown: Vec<String> = outliers
+        .iter()
+        .take(40)
+        .map(|(at, ms)| format!("+{at:.2}s {ms:.1}ms"))
+        .collect();
+    format!("({}) {}", outliers.len(), shown.join(", "))
+}
+
 /// Latencies (sorted), duplicates and outliers from send instants and arrivals.
 fn outcome(
     cpu: String,
@@ -342,16 +352,9 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
     })
     .await?;
     println!("LISTEN run CPU: {}", listen.cpu);
-    let shown: Vec<String> = listen
-        .outliers
-        .iter()
-        .take(40)
-        .map(|(at, ms)| format!("+{at:.2}s {ms:.1}ms"))
-        .collect();
     println!(
-        "LISTEN samples above 10 ms ({}), at time since the first measured commit: {}",
-        listen.outliers.len(),
-        shown.join(", ")
+        "LISTEN samples above 10 ms, at time since the first measured commit: {}",
+        shown_outliers(&listen.outliers)
     );
     let poll = undisturbed("polling run", async || {
         attempt += 1;
@@ -367,17 +370,7 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
     })
     .await?;
     println!("raw run CPU: {}", raw.cpu);
-    let shown: Vec<String> = raw
-        .outliers
-        .iter()
-        .take(40)
-        .map(|(at, ms)| format!("+{at:.2}s {ms:.1}ms"))
-        .collect();
-    println!(
-        "raw samples above 10 ms ({}): {}",
-        raw.outliers.len(),
-        shown.join(", ")
-    );
+    println!("raw samples above 10 ms: {}", shown_outliers(&raw.outliers));
     amqp.close().await;
     ensure!(
         listen.duplicates == 0 && poll.duplicates == 0 && raw.duplicates == 0,
