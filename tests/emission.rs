@@ -150,6 +150,30 @@ async fn rollback_leaves_neither(backend: Backend) {
     assert_eq!(published::Entity::find().count(&t.db).await.unwrap(), 3);
 }
 
+/// A failed save has rolled back when it returns, not later: dropping a SeaORM
+/// transaction only queues the rollback, and the failed statement's locks
+/// (here the duplicate key's) would be held until the runtime gets to it.
+/// The runtime is blocked while the server is asked.
+async fn failed_save_has_rolled_back_when_it_returns(backend: Backend) {
+    let t = TestDb::new(backend).await;
+    t.create_entity_tables().await;
+    let first = new_order().insert_and_publish(&t.db).await.unwrap();
+    let mut again = new_order();
+    again.id = Set(first.id);
+    assert!(again.insert_and_publish(&t.db).await.is_err());
+    assert_eq!(t.open_transactions_now(), 0);
+}
+
+#[tokio::test]
+async fn failed_save_has_rolled_back_when_it_returns_postgres() {
+    failed_save_has_rolled_back_when_it_returns(Backend::Postgres).await
+}
+
+#[tokio::test]
+async fn failed_save_has_rolled_back_when_it_returns_mariadb() {
+    failed_save_has_rolled_back_when_it_returns(Backend::MariaDb).await
+}
+
 async fn joins_the_callers_transaction(backend: Backend) {
     let t = TestDb::new(backend).await;
     t.create_entity_tables().await;

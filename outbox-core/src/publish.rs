@@ -8,6 +8,7 @@ use sea_orm::{
     TransactionSession, TransactionTrait, TryIntoModel,
 };
 use serde_json::Value;
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::entity::published;
@@ -108,10 +109,13 @@ where
     ModelOf<A>: Publish + IntoActiveModel<A> + Send + Sync,
 {
     let txn = db.begin().await?;
-    let model = model.insert(&txn).await?;
-    emit(&txn, &model).await?;
-    txn.commit().await?;
-    Ok(model)
+    let written = async {
+        let model = model.insert(&txn).await?;
+        emit(&txn, &model).await?;
+        Ok(model)
+    }
+    .await;
+    commit_or_roll_back(txn, written).await
 }
 
 /// Update `model` and write its outbox rows in one transaction (see [`insert`]).
@@ -122,10 +126,13 @@ where
     ModelOf<A>: Publish + IntoActiveModel<A> + Send + Sync,
 {
     let txn = db.begin().await?;
-    let model = model.update(&txn).await?;
-    emit(&txn, &model).await?;
-    txn.commit().await?;
-    Ok(model)
+    let written = async {
+        let model = model.update(&txn).await?;
+        emit(&txn, &model).await?;
+        Ok(model)
+    }
+    .await;
+    commit_or_roll_back(txn, written).await
 }
 
 /// Insert when the primary key is unset, update otherwise (SeaORM's `save`),
@@ -137,10 +144,31 @@ where
     ModelOf<A>: Publish + IntoActiveModel<A> + Send + Sync,
 {
     let txn = db.begin().await?;
-    let model = model.save(&txn).await?.try_into_model()?;
-    emit(&txn, &model).await?;
-    txn.commit().await?;
-    Ok(model)
+    let written = async {
+        let model = model.save(&txn).await?.try_into_model()?;
+        emit(&txn, &model).await?;
+        Ok(model)
+    }
+    .await;
+    commit_or_roll_back(txn, written).await
+}
+
+/// Commit what was written, or roll back before returning the error: dropping
+/// a SeaORM transaction only queues its rollback for a background task, and
+/// until that runs, the failed statement's locks stay held.
+async fn commit_or_roll_back<S: TransactionSession, T>(txn: S, written: Result<T>) -> Result<T> {
+    match written {
+        Ok(value) => {
+            txn.commit().await?;
+            Ok(value)
+        }
+        Err(err) => {
+            if let Err(rollback) = txn.rollback().await {
+                warn!(error = %rollback, "could not roll back a failed save");
+            }
+            Err(err)
+        }
+    }
 }
 
 /// `insert`/`update`/`save` as methods on every `ActiveModel` whose model derives `Publish`.

@@ -7,7 +7,9 @@ pub mod script;
 
 use std::sync::Once;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Schema};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Schema, Statement,
+};
 use uuid::Uuid;
 
 /// Which server a test database lives on.
@@ -132,36 +134,104 @@ fn replace_db(url: &str, name: &str) -> String {
     format!("{base}/{name}")
 }
 
+impl TestDb {
+    /// Transactions left open on this database, counted from another thread
+    /// while this one blocks: a rollback queued for a background task of the
+    /// test's runtime cannot run meanwhile.
+    pub fn open_transactions_now(&self) -> i64 {
+        let sql = match self.backend {
+            Backend::Postgres => format!(
+                "SELECT COUNT(*) AS n FROM pg_stat_activity \
+                 WHERE datname = '{}' AND state LIKE 'idle in transaction%'",
+                self.name
+            ),
+            Backend::MariaDb => format!(
+                "SELECT COUNT(*) AS n FROM information_schema.innodb_trx t \
+                 JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id \
+                 WHERE p.db = '{}'",
+                self.name
+            ),
+            Backend::Sqlite => panic!("no server to ask on SQLite"),
+        };
+        on_admin_connection(self.backend, move |admin| async move {
+            let row = admin
+                .query_one_raw(Statement::from_string(admin.get_database_backend(), sql))
+                .await
+                .expect("count open transactions")
+                .expect("one row");
+            row.try_get::<i64>("", "n").expect("a count")
+        })
+        .expect("reach the server as admin")
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(dir) = &self.sqlite_dir {
             let _ = std::fs::remove_dir_all(dir);
             return;
         }
-        let (admin, statement) = match self.backend {
-            Backend::Postgres => (
-                postgres_admin_url(),
-                format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ),
-            Backend::MariaDb => (
-                mariadb_admin_url(),
-                format!("DROP DATABASE IF EXISTS {}", self.name),
-            ),
-            Backend::Sqlite => return,
-        };
-        // Drop runs outside async context: use a throwaway runtime on another thread.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async {
-                let admin = Database::connect(admin).await.ok()?;
-                admin.execute_unprepared(&statement).await.ok()
-            })
-        })
-        .join();
+        let name = self.name.clone();
+        on_admin_connection(self.backend, move |admin| async move {
+            if admin.get_database_backend() == DbBackend::MySql {
+                // What WITH (FORCE) does on PostgreSQL: a session still in a
+                // transaction holds a metadata lock DROP DATABASE would wait on.
+                let sessions = admin
+                    .query_all_raw(Statement::from_string(
+                        DbBackend::MySql,
+                        format!(
+                            "SELECT id FROM information_schema.processlist WHERE db = '{name}'"
+                        ),
+                    ))
+                    .await
+                    .unwrap_or_default();
+                for session in sessions {
+                    if let Ok(id) = session.try_get::<i64>("", "id") {
+                        let _ = admin.execute_unprepared(&format!("KILL {id}")).await;
+                    }
+                }
+                let _ = admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
+                    .await;
+            } else {
+                let _ = admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        });
     }
+}
+
+/// Run `work` on a new connection to the server's admin database, on a
+/// throwaway runtime in another thread, and wait for it: usable from `Drop`
+/// and while the caller's runtime must stay blocked. `None` when the server
+/// cannot be reached or `work` panicked (`Drop` must not panic).
+fn on_admin_connection<F, T>(
+    backend: Backend,
+    work: impl FnOnce(DatabaseConnection) -> F + Send + 'static,
+) -> Option<T>
+where
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let admin = match backend {
+        Backend::Postgres => postgres_admin_url(),
+        Backend::MariaDb => mariadb_admin_url(),
+        Backend::Sqlite => unreachable!("SQLite has no server"),
+    };
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let admin = Database::connect(admin).await.ok()?;
+            Some(work(admin).await)
+        })
+    })
+    .join()
+    .ok()
+    .flatten()
 }
 
 /// Settings for a test: this database, the local broker, quick retries.
