@@ -267,12 +267,15 @@ async fn dead_letters_can_be_listed_and_replayed() {
         .collect();
     assert_eq!(letters.len(), 5);
     assert_eq!(letters[0]["msg_id"], "dlq-0");
-    assert!(
-        letters[0]["death"]
-            .as_str()
-            .unwrap()
-            .starts_with("rejected from"),
+    assert_eq!(
+        letters[0]["death"],
+        format!("copied from {rk}"),
         "{}",
+        letters[0]
+    );
+    assert_eq!(
+        letters[0]["error"], "not today",
+        "the reason travels with the dead letter: {}",
         letters[0]
     );
     assert_eq!(

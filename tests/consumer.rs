@@ -281,6 +281,15 @@ async fn errors_panics_and_nacks_go_to_the_dlq(backend: Backend) {
         .map(|m| m.body["do"].as_str().unwrap())
         .collect();
     assert_eq!(actions, ["error", "panic", "nack"]);
+    // Each dead letter says why it failed.
+    let errors: Vec<&str> = dead
+        .iter()
+        .map(|m| m.headers["x-outbox-error"].as_str())
+        .collect();
+    assert!(errors[0].contains("the callback refused"), "{errors:?}");
+    assert!(errors[1].contains("callback blew up"), "{errors:?}");
+    assert_eq!(errors[2], "not for us");
+    assert!(dead.iter().all(|m| m.headers["x-outbox-queue"] == rk));
     cleanup(&broker, &rk).await;
 }
 
@@ -465,7 +474,7 @@ async fn transient_database_errors_are_retried() {
 
 #[callback]
 async fn registered_handler(payload: Payload) -> CallbackResult {
-    let txn = payload.db().begin().await?;
+    let txn = payload.begin().await?;
     Ok(payload.save(txn).await?)
 }
 

@@ -245,8 +245,11 @@ async fn manual_write_api(backend: Backend) {
         .with_version("v2")
         .unwrap()
         .with_header("tenant", "acme")
+        .unwrap()
         .with_header(headers::CORRELATION_ID, "chosen")
-        .with_header(headers::MSG_ID, "forged");
+        .unwrap()
+        .with_header(headers::MSG_ID, "forged")
+        .unwrap();
     let written = outbox_core::write(&txn, message).await.unwrap();
     txn.commit().await.unwrap();
 

@@ -266,7 +266,8 @@ async fn python_publisher_to_rust_subscriber() {
             ConsumerReport {
                 saved: N as u64,
                 duplicates: N as u64,
-                dead_lettered: 0
+                dead_lettered: 0,
+                requeued: 0,
             }
         );
         assert_eq!(broker.message_count(&names.queue).await, 0);

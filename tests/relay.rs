@@ -45,7 +45,8 @@ async fn every_message_arrives_with_dop_headers(backend: Backend) {
     .unwrap()
     .with_version("v1")
     .unwrap()
-    .with_header("tenant", "acme");
+    .with_header("tenant", "acme")
+    .unwrap();
     let row = outbox_core::write(&t.db, message).await.unwrap();
     let ids = write_messages(&t.db, &format!("/topic/{rk}.v1"), 299).await;
 

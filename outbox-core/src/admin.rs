@@ -2,12 +2,8 @@
 //! discard, and dead-letter queues to list or replay.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Confirmation};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter,
@@ -17,9 +13,9 @@ use serde::Serialize;
 use tracing::info;
 use uuid::Uuid;
 
-use crate::broker::{passive, with_timeout};
+use crate::broker::Transport;
 use crate::entity::{published, received};
-use crate::{Broker, Error, Result, Settings, Status};
+use crate::{Error, Result, Settings, Status};
 
 /// Rows per destination and status.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -189,51 +185,29 @@ pub async fn discard_failed(db: &DatabaseConnection, id: Uuid) -> Result<publish
 pub struct DeadLetter {
     /// `dop-msg-id` (or `cap-msg-id`, or the AMQP message id).
     pub msg_id: Option<String>,
-    /// The queue it was rejected from and why, from `x-death`.
+    /// The queue it was rejected from, from `x-death` (or `x-outbox-queue`).
     pub death: Option<String>,
     /// How many times it was dead-lettered.
     pub count: Option<i64>,
+    /// Why it failed, when the consumer copied it there (`x-outbox-error`).
+    pub error: Option<String>,
     /// The body, as text.
     pub body: String,
     /// String headers.
     pub headers: BTreeMap<String, String>,
 }
 
-/// Look at up to `limit` messages in `DLQ.<queue>` without removing them
-/// (they are taken unacknowledged and returned when the channel closes).
+/// Look at up to `limit` messages in `DLQ.<queue>` without removing them.
 pub async fn dead_letters(
     settings: &Settings,
     queue: &str,
     limit: usize,
 ) -> Result<Vec<DeadLetter>> {
-    let broker = Broker::connect(&settings.broker, "outbox-cli dlq list").await?;
-    let timeout = settings.broker.operation_timeout;
-    let channel = with_timeout(
-        timeout,
-        "channel.open",
-        broker.connection().create_channel(),
-    )
-    .await?;
-    let dlq = format!("DLQ.{queue}");
-    ensure_queue_exists(&broker, &dlq, timeout).await?;
-    let mut letters = Vec::new();
-    while letters.len() < limit {
-        let Some(message) = with_timeout(
-            timeout,
-            "basic.get",
-            channel.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false }),
-        )
-        .await?
-        else {
-            break;
-        };
-        letters.push(dead_letter(
-            &message.delivery.properties,
-            &message.delivery.data,
-        ));
-    }
-    broker.close().await;
-    Ok(letters)
+    let transport = Transport::from_settings(&settings.broker)?;
+    let amqp = transport.amqp().ok_or(Error::UnsupportedBackend(
+        "dead-letter tools need an AMQP broker".to_owned(),
+    ))?;
+    crate::broker::amqp::dead_letters(amqp, queue, limit).await
 }
 
 /// Move up to `limit` messages from `DLQ.<queue>` back to `<queue>`, each
@@ -243,162 +217,11 @@ pub async fn replay_dead_letters(
     settings: &Settings,
     queue: &str,
     limit: Option<u64>,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<u64> {
-    let mut broker = Broker::connect(&settings.broker, "outbox-cli dlq replay").await?;
-    let timeout = settings.broker.operation_timeout;
-    let dlq = format!("DLQ.{queue}");
-    ensure_queue_exists(&broker, &dlq, timeout).await?;
-    ensure_queue_exists(&broker, queue, timeout).await?;
-    let get = with_timeout(
-        timeout,
-        "channel.open",
-        broker.connection().create_channel(),
-    )
-    .await?;
-    let mut moved = 0;
-    while limit.is_none_or(|limit| moved < limit) {
-        let Some(message) = with_timeout(
-            timeout,
-            "basic.get",
-            get.basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false }),
-        )
-        .await?
-        else {
-            break;
-        };
-        let delivery = message.delivery;
-        let mut properties = delivery.properties.clone();
-        if let Some(headers) = properties.headers().clone() {
-            let kept: BTreeMap<_, _> = headers
-                .inner()
-                .iter()
-                .filter(|(k, _)| {
-                    !k.as_str().starts_with("x-death")
-                        && !k.as_str().starts_with("x-first-death")
-                        && !k.as_str().starts_with("x-last-death")
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            properties = properties.with_headers(FieldTable::from(kept));
-        }
-        let confirmation =
-            replay_one(&mut broker, queue, &delivery.data, properties, timeout).await?;
-        if !matches!(confirmation, Confirmation::Ack(None)) {
-            return Err(Error::NotDelivered {
-                destination: format!("/queue/{queue}"),
-                reason: format!(
-                    "the broker did not take the replayed message ({confirmation:?}); it stays in {dlq}"
-                ),
-            });
-        }
-        with_timeout(
-            timeout,
-            "basic.ack",
-            delivery.acker.ack(BasicAckOptions::default()),
-        )
-        .await?;
-        moved += 1;
-        progress(moved);
-    }
-    info!(queue, dlq = %dlq, moved, "dead letters replayed");
-    broker.close().await;
-    Ok(moved)
-}
-
-async fn replay_one(
-    broker: &mut Broker,
-    queue: &str,
-    body: &[u8],
-    properties: BasicProperties,
-    timeout: Duration,
-) -> Result<Confirmation> {
-    let channel = broker.publish_channel();
-    let confirm = with_timeout(
-        timeout,
-        "basic.publish",
-        channel.basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            },
-            body,
-            properties,
-        ),
-    )
-    .await?;
-    with_timeout(timeout, "publisher confirm", confirm).await
-}
-
-async fn ensure_queue_exists(broker: &Broker, queue: &str, timeout: Duration) -> Result<()> {
-    let channel = with_timeout(
-        timeout,
-        "channel.open",
-        broker.connection().create_channel(),
-    )
-    .await?;
-    let declare = channel.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    );
-    // A broker that is down is an error of its own, not a missing queue.
-    if passive(broker.connection(), timeout, declare).await? {
-        Ok(())
-    } else {
-        Err(Error::NotDelivered {
-            destination: format!("/queue/{queue}"),
-            reason: format!("queue `{queue}` does not exist"),
-        })
-    }
-}
-
-fn dead_letter(properties: &BasicProperties, body: &[u8]) -> DeadLetter {
-    let mut headers = BTreeMap::new();
-    let mut death = None;
-    let mut count = None;
-    if let Some(table) = properties.headers() {
-        for (name, value) in table.inner() {
-            match value {
-                AMQPValue::LongString(s) => {
-                    headers.insert(
-                        name.to_string(),
-                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                    );
-                }
-                AMQPValue::FieldArray(deaths) if name.as_str() == "x-death" => {
-                    if let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first() {
-                        let text = |key: &str| match first.inner().get(key) {
-                            Some(AMQPValue::LongString(s)) => {
-                                String::from_utf8_lossy(s.as_bytes()).into_owned()
-                            }
-                            _ => String::new(),
-                        };
-                        death = Some(format!("{} from {}", text("reason"), text("queue")));
-                        if let Some(AMQPValue::LongLongInt(n)) = first.inner().get("count") {
-                            count = Some(*n);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    let msg_id = headers
-        .get(crate::headers::CAP_MSG_ID)
-        .or_else(|| headers.get(crate::headers::MSG_ID))
-        .cloned()
-        .or_else(|| properties.message_id().as_ref().map(|id| id.to_string()));
-    DeadLetter {
-        msg_id,
-        death,
-        count,
-        body: String::from_utf8_lossy(body).into_owned(),
-        headers,
-    }
+    let transport = Transport::from_settings(&settings.broker)?;
+    let amqp = transport.amqp().ok_or(Error::UnsupportedBackend(
+        "dead-letter tools need an AMQP broker".to_owned(),
+    ))?;
+    crate::broker::amqp::replay_dead_letters(amqp, queue, limit, progress).await
 }

@@ -23,3 +23,15 @@ pub fn correlation_id() -> Option<String> {
         .ok()
         .filter(|id| !id.is_empty() && id != "none")
 }
+
+/// The current correlation id, or a new one; an id too long to travel is an
+/// error at write time, not a failure in the relay later.
+pub(crate) fn current_or_new() -> crate::Result<String> {
+    match correlation_id() {
+        Some(id) => {
+            crate::headers::check(crate::headers::CORRELATION_ID, &id)?;
+            Ok(id)
+        }
+        None => Ok(uuid::Uuid::new_v4().to_string()),
+    }
+}

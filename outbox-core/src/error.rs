@@ -19,9 +19,42 @@ pub enum Error {
     #[error("database error")]
     Database(#[from] sea_orm::DbErr),
 
-    /// Talking to the broker failed.
-    #[error("broker error")]
-    Broker(#[from] lapin::Error),
+    /// A broker operation failed because the connection or the broker did
+    /// (an outage: retried with backoff, no attempt counted).
+    #[error("broker operation `{operation}` failed ({endpoint})")]
+    Broker {
+        /// What we were doing.
+        operation: &'static str,
+        /// The broker, without credentials.
+        endpoint: String,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The broker refused the connection for a reason retrying cannot fix
+    /// (credentials, an unknown vhost).
+    #[error("the broker at {endpoint} refused the connection: {reason}; {fix}")]
+    BrokerRefused {
+        /// The broker, without credentials.
+        endpoint: String,
+        /// What the broker said.
+        reason: String,
+        /// What to change.
+        fix: String,
+    },
+
+    /// The broker refused to set up a subscription (a missing exchange, a
+    /// queue with other arguments, a permission).
+    #[error("cannot subscribe to `{destination}`: {reason}; {fix}")]
+    SubscriptionRefused {
+        /// The destination subscribed to.
+        destination: String,
+        /// What the broker said.
+        reason: String,
+        /// What to change.
+        fix: String,
+    },
 
     /// The broker did not take a directly sent message.
     #[error("message to `{destination}` not delivered: {reason}")]
@@ -122,6 +155,33 @@ pub enum Error {
         registered: Vec<String>,
     },
 
+    /// A header that cannot travel: a name or value over a transport limit.
+    #[error("invalid header `{name}`: {reason}")]
+    InvalidHeader {
+        /// The header name (cut to 40 characters).
+        name: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
+    /// An outbox table or column this command needs is missing.
+    #[error(
+        "the database has no {what}; run `outbox-cli migrate` (or `outbox_core::migrate`) first"
+    )]
+    SchemaMissing {
+        /// What is missing, e.g. "table `published`".
+        what: String,
+        /// The database's error.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+
+    /// [`Payload::save`](crate::Payload::save) was given the transaction of another payload.
+    #[error(
+        "the transaction passed to `Payload::save` was begun by another payload; save each payload with the transaction its own `begin` returned"
+    )]
+    ForeignTransaction,
+
     /// The database backend is not one we support.
     #[error("unsupported database backend `{0}`; use PostgreSQL, MySQL/MariaDB or SQLite")]
     UnsupportedBackend(String),
@@ -161,7 +221,7 @@ impl Error {
     /// the relay and the consumer; they never count as a failed attempt.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Broker(_) | Error::BrokerTimeout { .. } => true,
+            Error::Broker { .. } | Error::BrokerTimeout { .. } => true,
             Error::Database(err) => is_transient_db(err),
             Error::Io { .. } => true,
             _ => false,
@@ -169,8 +229,9 @@ impl Error {
     }
 }
 
-/// Connection-level database failures: the server went away, the pool
-/// could not hand out a connection, a socket broke.
+/// Database failures that another try can cure: the server went away, the
+/// pool could not hand out a connection, a socket broke, or the statement
+/// lost a race (serialization failure, deadlock, lock timeout, SQLite busy).
 pub(crate) fn is_transient_db(err: &sea_orm::DbErr) -> bool {
     use sea_orm::{DbErr, RuntimeErr};
     match err {
@@ -184,19 +245,60 @@ pub(crate) fn is_transient_db(err: &sea_orm::DbErr) -> bool {
                 | SqlxError::PoolClosed
                 | SqlxError::WorkerCrashed
                 | SqlxError::Protocol(_) => true,
-                SqlxError::Database(db) => {
-                    // admin_shutdown, crash_shutdown, cannot_connect_now,
-                    // too_many_connections; MySQL server-gone/lost codes.
-                    matches!(
-                        db.code().as_deref(),
-                        Some("57P01" | "57P02" | "57P03" | "53300" | "08006" | "08003" | "08001")
-                    )
-                }
+                SqlxError::Database(db) => transient_code(db.as_ref()),
                 _ => false,
             }
         }
         _ => false,
     }
+}
+
+fn transient_code(db: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
+    use sea_orm::sqlx::error::ErrorKind;
+    if let Some(mysql) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
+        // deadlock, lock wait timeout, server gone / lost, too many connections
+        return matches!(
+            mysql.number(),
+            1213 | 1205 | 2006 | 2013 | 1040 | 1053 | 1927
+        );
+    }
+    if db
+        .try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
+        .is_some()
+    {
+        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes
+        let primary = db
+            .code()
+            .and_then(|code| code.parse::<i64>().ok())
+            .map(|code| code & 0xff);
+        return matches!(primary, Some(5 | 6));
+    }
+    if matches!(
+        db.kind(),
+        ErrorKind::UniqueViolation | ErrorKind::ForeignKeyViolation
+    ) {
+        return false;
+    }
+    // PostgreSQL: serialization_failure, deadlock_detected, lock_not_available,
+    // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
+    // connection exceptions, query_canceled by statement timeout.
+    matches!(
+        db.code().as_deref(),
+        Some(
+            "40001"
+                | "40P01"
+                | "55P03"
+                | "57P01"
+                | "57P02"
+                | "57P03"
+                | "53300"
+                | "08006"
+                | "08003"
+                | "08001"
+                | "08000"
+                | "08004"
+        )
+    )
 }
 
 /// An error and its causes on one line: `relay stopped: broker error: connection refused`.

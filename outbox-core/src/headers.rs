@@ -23,6 +23,42 @@ pub const CAP_MSG_ID: &str = "cap-msg-id";
 /// The value of `dop-msg-type`.
 pub const MSG_TYPE_PUBLISHED: &str = "Published";
 
+/// The longest header name: AMQP field-table keys are short strings.
+pub const MAX_NAME_LEN: usize = 255;
+/// The longest correlation id: it also travels as AMQP `correlation_id`, a short string.
+pub const MAX_CORRELATION_ID_LEN: usize = 255;
+
+/// Check a header where data enters (a [`Message`](crate::Message), a
+/// correlation scope), so nothing is written that no relay can send.
+pub(crate) fn check(name: &str, value: &str) -> crate::Result<()> {
+    let shown = || name.chars().take(40).collect::<String>();
+    if name.is_empty() {
+        return Err(crate::Error::InvalidHeader {
+            name: String::new(),
+            reason: "a header name cannot be empty".to_owned(),
+        });
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(crate::Error::InvalidHeader {
+            name: shown(),
+            reason: format!(
+                "the name is {} bytes; header names hold at most {MAX_NAME_LEN} (an AMQP short string)",
+                name.len()
+            ),
+        });
+    }
+    if name == CORRELATION_ID && value.len() > MAX_CORRELATION_ID_LEN {
+        return Err(crate::Error::InvalidHeader {
+            name: shown(),
+            reason: format!(
+                "the correlation id is {} bytes; it holds at most {MAX_CORRELATION_ID_LEN} (it is also the AMQP correlation_id)",
+                value.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The headers stored with a new outbox row: the user's headers overlaid with
 /// the generated `dop-*` ones. As in django-outbox-pattern 3.2.1, the caller
 /// may set `dop-correlation-id`; every other `dop-*` header is forced.

@@ -40,7 +40,7 @@
 mod admin;
 mod backoff;
 mod broker;
-mod callback;
+mod clock;
 mod connect;
 mod consumer;
 mod correlation;
@@ -53,8 +53,10 @@ mod message;
 mod metrics;
 mod migration;
 mod publish;
+pub mod redact;
 mod relay;
 mod retention;
+mod schema;
 mod settings;
 mod shutdown;
 mod status;
@@ -63,22 +65,27 @@ pub use admin::{
     DeadLetter, DestinationCounts, FailedSelection, OutboxStatus, dead_letters, discard_failed,
     failed_message, failed_messages, outbox_status, replay_dead_letters, retry_failed,
 };
-pub use broker::{Broker, InFlight, Outcome, Outgoing, QueueDeclaration, declare_subscription};
-pub use callback::{Callback, CallbackFuture, CallbackResult, find_callback, registered_callbacks};
+#[cfg(feature = "memory")]
+pub use broker::memory::{DeliveryFault, MemoryBroker, PublishFault, StoredMessage};
+pub use broker::{Broker, Envelope, QueueDeclaration, Transport};
+pub use clock::Clock;
 pub use connect::connect;
-pub use consumer::{Consumer, ConsumerReport, Handled, Payload};
+pub use consumer::{
+    Callback, CallbackFuture, CallbackResult, Consumer, ConsumerReport, Handled, MAX_MSG_ID_LEN,
+    Payload, Transaction, find_callback, registered_callbacks,
+};
 pub use correlation::{correlation_id, with_correlation_id};
 pub use destination::{Destination, Kind as DestinationKind, MAX_DESTINATION_LEN};
 pub use encode::BodyValue;
 pub use error::{BoxError, Error, Result, report};
 pub use message::Message;
 pub use metrics::{Histogram, Metrics};
-pub use migration::{NOTIFY_CHANNEL, migrate};
+pub use migration::{Migration, NOTIFY_CHANNEL, migrate};
 pub use publish::{Publish, PublishExt, emit, insert, save, update, write, write_all};
 pub use relay::{Relay, RelayReport};
 pub use settings::{
-    BrokerSettings, ConsumerSettings, DatabaseSettings, RelaySettings, RetentionSettings, Settings,
-    Unroutable,
+    BrokerSettings, ConsumerSettings, DatabaseSettings, DeadLetter as DeadLetterMode, QueueType,
+    RelaySettings, RetentionSettings, Settings, Unroutable,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger, shutdown_channel};
 pub use status::Status;
@@ -92,7 +99,7 @@ extern crate self as outbox_core;
 /// Not public API: what generated code refers to.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::callback::{CallbackEntry, CallbackFuture};
+    pub use crate::consumer::{CallbackEntry, CallbackFuture};
     pub use crate::encode::{Encoder, ViaBodyValue, ViaSerialize};
     pub use crate::publish::emit_for_hook;
     pub use inventory;

@@ -55,10 +55,17 @@ impl Message {
     }
 
     /// Add a header sent with the message. `dop-*` headers other than
-    /// `dop-correlation-id` are generated and cannot be overridden.
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name.into(), value.into());
-        self
+    /// `dop-correlation-id` are generated and cannot be overridden. Names
+    /// hold at most 255 bytes, and so does a correlation id.
+    pub fn with_header(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<Self> {
+        let (name, value) = (name.into(), value.into());
+        crate::headers::check(&name, &value)?;
+        self.headers.insert(name, value);
+        Ok(self)
     }
 
     /// The destination the message goes to, version suffix included.

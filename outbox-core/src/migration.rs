@@ -28,6 +28,7 @@ const POSTGRES: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS published_status_27c9ec_btree ON published (status)",
     "ALTER TABLE published ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz NOT NULL DEFAULT now()",
     "ALTER TABLE published ADD COLUMN IF NOT EXISTS last_error text NULL",
+    "ALTER TABLE published ADD COLUMN IF NOT EXISTS claim_token uuid NULL",
     // Only schedulable rows: the claim stays fast however many sent rows pile up.
     "CREATE INDEX IF NOT EXISTS published_schedulable ON published (next_attempt_at) WHERE status = 1",
     "CREATE TABLE IF NOT EXISTS received (
@@ -65,6 +66,7 @@ const MYSQL: &[&str] = &[
         headers json NOT NULL DEFAULT ('{}'),
         next_attempt_at datetime(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
         last_error text NULL,
+        claim_token binary(16) NULL,
         INDEX published_added_9200ad78 (added),
         INDEX published_status_27c9ec_btree (status),
         INDEX published_schedulable (status, next_attempt_at)
@@ -95,7 +97,8 @@ const SQLITE: &[&str] = &[
         status integer NOT NULL DEFAULT 1,
         headers text NOT NULL DEFAULT '{}',
         next_attempt_at text NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')),
-        last_error text NULL
+        last_error text NULL,
+        claim_token blob NULL
     )",
     "CREATE INDEX IF NOT EXISTS published_added_9200ad78 ON published (added)",
     "CREATE INDEX IF NOT EXISTS published_status_27c9ec_btree ON published (status)",
@@ -113,8 +116,17 @@ const SQLITE: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS received_added_0e9924c0 ON received (added)",
 ];
 
+/// What [`migrate`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Migration {
+    /// Tables that did not exist and were created.
+    pub created: Vec<&'static str>,
+    /// Columns added to tables that existed (e.g. created by the Python library).
+    pub added: Vec<String>,
+}
+
 /// Create or upgrade the outbox tables on `db`. Safe to run any number of times.
-pub async fn migrate<C: ConnectionTrait>(db: &C) -> Result<()> {
+pub async fn migrate<C: ConnectionTrait>(db: &C) -> Result<Migration> {
     let backend = db.get_database_backend();
     let statements = match backend {
         DbBackend::Postgres => POSTGRES,
@@ -123,47 +135,108 @@ pub async fn migrate<C: ConnectionTrait>(db: &C) -> Result<()> {
         #[allow(unreachable_patterns)]
         other => return Err(Error::UnsupportedBackend(format!("{other:?}"))),
     };
-    if backend == DbBackend::MySql {
-        mysql_upgrade(db).await?;
+    let mut migration = Migration::default();
+    for table in ["published", "received"] {
+        if !table_exists(db, table).await? {
+            migration.created.push(table);
+        }
+    }
+    // Tables from the Python library or an older outbox lack the relay's
+    // columns; neither MySQL nor SQLite has `ADD COLUMN IF NOT EXISTS`.
+    if backend != DbBackend::Postgres && !migration.created.contains(&"published") {
+        for (column, mysql, sqlite) in UPGRADES {
+            if !column_exists(db, "published", column).await? {
+                let ddl = if backend == DbBackend::MySql {
+                    mysql
+                } else {
+                    sqlite
+                };
+                db.execute_unprepared(ddl).await?;
+                migration.added.push(format!("published.{column}"));
+            }
+        }
+    }
+    if backend == DbBackend::Postgres && !migration.created.contains(&"published") {
+        for (column, _, _) in UPGRADES {
+            if !column_exists(db, "published", column).await? {
+                migration.added.push(format!("published.{column}"));
+            }
+        }
     }
     for statement in statements {
         db.execute_unprepared(statement).await?;
     }
-    info!(backend = ?backend, "outbox tables are up to date");
-    Ok(())
+    if migration.created.is_empty() && migration.added.is_empty() {
+        info!(backend = ?backend, "outbox tables are up to date");
+    } else {
+        info!(backend = ?backend, created = ?migration.created, added = ?migration.added, "outbox tables migrated");
+    }
+    Ok(migration)
 }
 
-/// Tables created by the Python library lack the relay's columns; MySQL has
-/// no `ADD COLUMN IF NOT EXISTS` before MariaDB, so check first.
-async fn mysql_upgrade<C: ConnectionTrait>(db: &C) -> Result<()> {
-    let exists = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            DbBackend::MySql,
-            "SELECT COUNT(*) AS n FROM information_schema.columns \
-             WHERE table_schema = DATABASE() AND table_name = 'published' AND column_name = 'next_attempt_at'",
-        ))
-        .await?
-        .map(|row| row.try_get::<i64>("", "n"))
-        .transpose()?
-        .unwrap_or(0);
-    let table = db
-        .query_one_raw(sea_orm::Statement::from_string(
-            DbBackend::MySql,
+/// Columns added after the first release, as `(name, MySQL DDL, SQLite DDL)`;
+/// PostgreSQL's statements add them with `IF NOT EXISTS`.
+const UPGRADES: &[(&str, &str, &str)] = &[
+    (
+        "next_attempt_at",
+        "ALTER TABLE published ADD COLUMN next_attempt_at datetime(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+         ADD INDEX published_schedulable (status, next_attempt_at)",
+        "ALTER TABLE published ADD COLUMN next_attempt_at text NOT NULL DEFAULT '1970-01-01T00:00:00+00:00'",
+    ),
+    (
+        "last_error",
+        "ALTER TABLE published ADD COLUMN last_error text NULL",
+        "ALTER TABLE published ADD COLUMN last_error text NULL",
+    ),
+    (
+        "claim_token",
+        "ALTER TABLE published ADD COLUMN claim_token binary(16) NULL",
+        "ALTER TABLE published ADD COLUMN claim_token blob NULL",
+    ),
+];
+
+async fn table_exists<C: ConnectionTrait>(db: &C, table: &str) -> Result<bool> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => format!(
             "SELECT COUNT(*) AS n FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_name = 'published'",
-        ))
+             WHERE table_schema = current_schema() AND table_name = '{table}'"
+        ),
+        DbBackend::MySql => format!(
+            "SELECT COUNT(*) AS n FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = '{table}'"
+        ),
+        _ => format!(
+            "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '{table}'"
+        ),
+    };
+    count(db, sql).await.map(|n| n > 0)
+}
+
+async fn column_exists<C: ConnectionTrait>(db: &C, table: &str, column: &str) -> Result<bool> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => format!(
+            "SELECT COUNT(*) AS n FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = '{table}' AND column_name = '{column}'"
+        ),
+        DbBackend::MySql => format!(
+            "SELECT COUNT(*) AS n FROM information_schema.columns \
+             WHERE table_schema = DATABASE() AND table_name = '{table}' AND column_name = '{column}'"
+        ),
+        _ => format!(
+            "SELECT COUNT(*) AS n FROM pragma_table_info('{table}') WHERE name = '{column}'"
+        ),
+    };
+    count(db, sql).await.map(|n| n > 0)
+}
+
+async fn count<C: ConnectionTrait>(db: &C, sql: String) -> Result<i64> {
+    let backend = db.get_database_backend();
+    Ok(db
+        .query_one_raw(sea_orm::Statement::from_string(backend, sql))
         .await?
         .map(|row| row.try_get::<i64>("", "n"))
         .transpose()?
-        .unwrap_or(0);
-    if table > 0 && exists == 0 {
-        db.execute_unprepared(
-            "ALTER TABLE published \
-             ADD COLUMN next_attempt_at datetime(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
-             ADD COLUMN last_error text NULL, \
-             ADD INDEX published_schedulable (status, next_attempt_at)",
-        )
-        .await?;
-    }
-    Ok(())
+        .unwrap_or(0))
 }

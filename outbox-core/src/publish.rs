@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::entity::published;
 use crate::headers::outbox_headers;
-use crate::{Message, Result, Status, correlation_id};
+use crate::{Message, Result, Status};
 
 /// A model whose saves emit outbox messages. Implemented by `#[derive(Publish)]`.
 pub trait Publish {
@@ -42,7 +42,7 @@ pub async fn write_all<C: ConnectionTrait>(
     }
     let now = Utc::now().trunc_subsecs(6);
     // One save, one correlation id: rows written together share it.
-    let correlation = correlation_id().unwrap_or_else(|| Uuid::new_v4().to_string());
+    let correlation = crate::correlation::current_or_new()?;
     let rows: Vec<published::Model> = messages
         .into_iter()
         .enumerate()
@@ -93,6 +93,7 @@ fn new_row(message: Message, added: DateTime<Utc>, correlation: &str) -> publish
         ),
         next_attempt_at: added,
         last_error: None,
+        claim_token: None,
     }
 }
 

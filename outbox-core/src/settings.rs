@@ -23,8 +23,32 @@ pub enum Unroutable {
     Accept,
 }
 
+/// How the consumer declares the queues of `/topic/`, `/exchange/` and
+/// `/queue/` destinations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic durable queues, declared exactly as django-outbox-pattern does
+    /// (Python and Rust consumers can share them).
+    Classic,
+    /// Quorum queues (replicated on a cluster), with at-least-once
+    /// dead-lettering to `DLQ.<queue>` and an explicit delivery limit.
+    Quorum,
+}
+
+/// What the consumer does with a message that failed for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetter {
+    /// Copy it to `DLQ.<queue>` with why it failed (`x-outbox-error`), wait
+    /// for the broker's confirm, then ack it. Works with every queue.
+    Publish,
+    /// Reject it without requeue, as django-outbox-pattern does: the queue's
+    /// dead-letter exchange routes it (the queues we declare have one; an
+    /// `/amq/queue/` queue keeps it only if it has one).
+    Nack,
+}
+
 /// Database connection.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct DatabaseSettings {
     /// `database.url` (`DATABASE_URL`): `postgres://`, `mysql://` or `sqlite://`.
     pub url: Option<String>,
@@ -32,8 +56,17 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
 }
 
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &self.url.as_deref().map(crate::redact::url))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
 /// Broker connection.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct BrokerSettings {
     /// `broker.url` (`AMQP_URL`). Python: `DEFAULT_STOMP_HOST_AND_PORTS`, `..._VHOST`, `..._USERNAME`, `..._PASSCODE`.
     pub url: String,
@@ -43,6 +76,17 @@ pub struct BrokerSettings {
     pub maximum_backoff: Duration,
     /// `broker.operation_timeout`: limit on every broker round trip (connect, declare, confirm).
     pub operation_timeout: Duration,
+}
+
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("url", &crate::redact::url(&self.url))
+            .field("heartbeat", &self.heartbeat)
+            .field("maximum_backoff", &self.maximum_backoff)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish()
+    }
 }
 
 /// The relay (`outbox-cli publish`).
@@ -58,8 +102,12 @@ pub struct RelaySettings {
     pub wait_retry: Duration,
     /// `relay.waiting_time`: poll interval when idle. Python: `DEFAULT_PRODUCER_WAITING_TIME`.
     pub waiting_time: Duration,
-    /// `relay.max_in_flight`: messages published and not yet confirmed, across batches.
+    /// `relay.max_in_flight`: rows sent and not yet marked, across batches;
+    /// also the most a crashed relay can send twice. At least `batch_size`.
     pub max_in_flight: u32,
+    /// `relay.max_in_flight_bytes`: body and header bytes in flight (claims
+    /// shrink when rows are large).
+    pub max_in_flight_bytes: usize,
     /// `relay.claim_lease`: how long a claimed row stays reserved for one relay.
     pub claim_lease: Duration,
     /// `relay.unroutable`: `retry` or `accept`.
@@ -85,6 +133,13 @@ pub struct ConsumerSettings {
     pub max_retry_attempts: u32,
     /// `consumer.retry_wait`: linear wait unit between those retries. Python: `DEFAULT_CONSUMER_RETRY_WAIT`.
     pub retry_wait: Duration,
+    /// `consumer.queue_type`: `classic` (django-outbox-pattern's) or `quorum`.
+    pub queue_type: QueueType,
+    /// `consumer.delivery_limit`: quorum queues dead-letter a message
+    /// delivered more often than this (a consumer crashing on it).
+    pub delivery_limit: u32,
+    /// `consumer.dead_letter`: `publish` (copy with the reason, then ack) or `nack`.
+    pub dead_letter: DeadLetter,
 }
 
 /// Deleting old rows.
@@ -133,6 +188,7 @@ impl Default for Settings {
                 wait_retry: Duration::from_secs(60),
                 waiting_time: Duration::from_secs(1),
                 max_in_flight: 2000,
+                max_in_flight_bytes: 16 * 1024 * 1024,
                 claim_lease: Duration::from_secs(60),
                 unroutable: Unroutable::Retry,
                 listen: true,
@@ -145,6 +201,9 @@ impl Default for Settings {
                 shutdown_timeout: Some(Duration::from_secs(90)),
                 max_retry_attempts: 3,
                 retry_wait: Duration::from_secs(2),
+                queue_type: QueueType::Classic,
+                delivery_limit: 20,
+                dead_letter: DeadLetter::Publish,
             },
             retention: RetentionSettings {
                 days_to_keep: 30,
@@ -199,6 +258,12 @@ const KEYS: &[(&str, Setter)] = &[
     ("relay.waiting_time", |s, v| {
         set_positive_secs(&mut s.relay.waiting_time, v)
     }),
+    ("relay.max_in_flight", |s, v| {
+        set_int(&mut s.relay.max_in_flight, v, 1, 1_000_000)
+    }),
+    ("relay.max_in_flight_bytes", |s, v| {
+        set_int(&mut s.relay.max_in_flight_bytes, v, 1024, 1 << 40)
+    }),
     ("relay.claim_lease", |s, v| {
         set_positive_secs(&mut s.relay.claim_lease, v)
     }),
@@ -240,6 +305,25 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("consumer.retry_wait", |s, v| {
         set_secs(&mut s.consumer.retry_wait, v)
+    }),
+    ("consumer.queue_type", |s, v| {
+        s.consumer.queue_type = match v {
+            "classic" => QueueType::Classic,
+            "quorum" => QueueType::Quorum,
+            _ => return Err("one of \"classic\", \"quorum\"".to_owned()),
+        };
+        Ok(())
+    }),
+    ("consumer.delivery_limit", |s, v| {
+        set_int(&mut s.consumer.delivery_limit, v, 1, 1_000_000)
+    }),
+    ("consumer.dead_letter", |s, v| {
+        s.consumer.dead_letter = match v {
+            "publish" => DeadLetter::Publish,
+            "nack" => DeadLetter::Nack,
+            _ => return Err("one of \"publish\", \"nack\"".to_owned()),
+        };
+        Ok(())
     }),
     ("retention.days_to_keep", |s, v| {
         set_int(&mut s.retention.days_to_keep, v, 1, 36_500)
@@ -391,11 +475,71 @@ impl Settings {
     }
 
     fn unknown(&self, key: &str, file: &str) -> Error {
+        let known = match closest(key, KEYS.iter().map(|(k, _)| *k)) {
+            Some(near) => format!("did you mean `{near}`? known settings: "),
+            None => "known settings: ".to_owned(),
+        };
         Error::UnknownSetting {
             key: key.to_owned(),
             file: file.to_owned(),
-            known: KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", "),
+            known: known + &KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", "),
         }
+    }
+
+    /// Settings that cannot work together, found before anything starts.
+    pub(crate) fn check_relay(&self) -> Result<()> {
+        let relay = &self.relay;
+        if relay.max_in_flight < relay.batch_size {
+            return Err(Error::InvalidSetting {
+                key: "relay.max_in_flight".to_owned(),
+                value: relay.max_in_flight.to_string(),
+                allowed: format!(
+                    "at least relay.batch_size ({}): a claim must fit in the window; two batches or more keep the broker busy while the next is claimed",
+                    relay.batch_size
+                ),
+            });
+        }
+        if relay.claim_lease <= self.broker.operation_timeout {
+            return Err(Error::InvalidSetting {
+                key: "relay.claim_lease".to_owned(),
+                value: format!("{:?}", relay.claim_lease),
+                allowed: format!(
+                    "longer than broker.operation_timeout ({:?}): a claim must outlive the longest wait for a confirm, or another relay takes its rows while they are in flight",
+                    self.broker.operation_timeout
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Consumer settings that cannot work together.
+    pub(crate) fn check_consumer(&self) -> Result<()> {
+        let consumer = &self.consumer;
+        if consumer.queue_type == QueueType::Quorum && consumer.exclusive_queue {
+            return Err(Error::InvalidSetting {
+                key: "consumer.exclusive_queue".to_owned(),
+                value: "true".to_owned(),
+                allowed:
+                    "false with consumer.queue_type = \"quorum\": quorum queues cannot be exclusive"
+                        .to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `OUTBOX_*` variables in the environment that name no setting, each
+    /// with the closest known name (a typo is otherwise silently ignored).
+    pub fn unknown_environment() -> Vec<(String, Option<String>)> {
+        let known: Vec<String> = KEYS.iter().map(|(k, _)| env_name(k)).collect();
+        std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .filter(|name| name.starts_with("OUTBOX_") && !NOT_SETTINGS.contains(&name.as_str()))
+            .filter(|name| !name.starts_with("OUTBOX_TEST_") && !known.contains(name))
+            .map(|name| {
+                let near = closest(&name, known.iter().map(String::as_str)).map(str::to_owned);
+                (name, near)
+            })
+            .collect()
     }
 
     /// Set one key from its text form; `source` names where it came from.
@@ -406,7 +550,7 @@ impl Settings {
             .ok_or_else(|| self.unknown(key, source))?;
         setter(self, value.trim()).map_err(|allowed| Error::InvalidSetting {
             key: format!("{key} (from {source})"),
-            value: format!("{value:?}"),
+            value: format!("{:?}", crate::redact::text(value)),
             allowed: format!("expected {allowed}"),
         })
     }
@@ -424,6 +568,44 @@ impl Settings {
     pub fn keys() -> impl Iterator<Item = (&'static str, String)> {
         KEYS.iter().map(|(key, _)| (*key, env_name(key)))
     }
+}
+
+/// `OUTBOX_*` variables that are not settings.
+const NOT_SETTINGS: &[&str] = &["OUTBOX_CONFIG", "OUTBOX_SKIP_RESTARTS"];
+
+/// The known name nearest to `name` (edit distance at most a third of it).
+fn closest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.len() / 3).max(2);
+    known
+        .map(|k| {
+            (
+                distance(&name.to_ascii_lowercase(), &k.to_ascii_lowercase()),
+                k,
+            )
+        })
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let current = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                previous
+            } else {
+                1 + previous.min(row[j]).min(row[j + 1])
+            };
+            previous = current;
+        }
+    }
+    row[b.len()]
 }
 
 fn env_name(key: &str) -> String {

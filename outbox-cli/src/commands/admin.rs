@@ -123,9 +123,10 @@ pub(crate) async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Res
                     println!("{}", serde_json::to_string(letter)?);
                 } else {
                     println!(
-                        "{}  {}  {}",
+                        "{}  {}  error: {}  {}",
                         letter.msg_id.as_deref().unwrap_or("<no id>"),
                         letter.death.as_deref().unwrap_or("-"),
+                        letter.error.as_deref().unwrap_or("- (rejected without a reason; consumer.dead_letter = \"publish\" keeps it)"),
                         letter.body
                     );
                 }

@@ -1,21 +1,24 @@
 //! The consumer: a queue's deliveries → deduplicate → callback in its own
-//! transaction → ack after commit, nack to `DLQ.<queue>` on error or panic.
+//! transaction → ack after commit; failures to `DLQ.<queue>`; outages wait.
+//!
+//! Works on any transport behind the seam (`crate::broker`): the transport
+//! decodes deliveries and settles them; everything here is about the
+//! message and the database.
 
-mod acks;
+mod callback;
 mod payload;
 
-pub use payload::{Handled, Payload};
+pub use callback::CallbackEntry;
+pub use callback::{Callback, CallbackFuture, CallbackResult, find_callback, registered_callbacks};
+pub use payload::{Handled, Payload, Transaction};
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt as _, StreamExt as _};
-use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use futures_util::FutureExt as _;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -23,18 +26,21 @@ use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::broker::{Broker, with_timeout};
-use crate::callback::Callback;
+use crate::broker::{
+    Delivery, QueueDeclaration, Settle, Settler, Subscription, SubscriptionSpec, Transport,
+};
 use crate::entity::received;
 use crate::metrics::Metrics;
 use crate::retention::{Retention, Table};
 use crate::{
-    Destination, Error, Result, Settings, Shutdown, declare_subscription, headers, report,
+    Destination, DestinationKind, Error, Result, Settings, Shutdown, headers, report,
     with_correlation_id,
 };
 
-use acks::{AckEvent, Acks};
 use payload::Decision;
+
+/// The longest message id the `received.msg_id` column holds.
+pub const MAX_MSG_ID_LEN: usize = 100;
 
 /// What a consumer run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,8 +49,10 @@ pub struct ConsumerReport {
     pub saved: u64,
     /// Duplicates acked without running the callback (or rolled back on the race).
     pub duplicates: u64,
-    /// Messages nacked to the dead-letter queue.
+    /// Messages sent to the dead-letter queue.
     pub dead_lettered: u64,
+    /// Messages given back to the queue because the database was unreachable.
+    pub requeued: u64,
 }
 
 /// Consumes one destination with one callback.
@@ -52,6 +60,7 @@ pub struct Consumer {
     shared: Arc<Shared>,
     destination: Destination,
     queue: String,
+    transport: Option<Transport>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -72,6 +81,9 @@ struct Shared {
     retention: Arc<Retention>,
     next_token: AtomicU64,
     report: Counters,
+    /// Set when a delivery was given back because the database is down:
+    /// take no more until it answers.
+    database_down: AtomicBool,
     name: String,
 }
 
@@ -80,6 +92,7 @@ struct Counters {
     saved: AtomicU64,
     duplicates: AtomicU64,
     dead_lettered: AtomicU64,
+    requeued: AtomicU64,
 }
 
 impl Consumer {
@@ -93,10 +106,23 @@ impl Consumer {
         callback: impl Callback,
     ) -> Result<Consumer> {
         let destination = Destination::parse(destination)?;
-        let queue = queue
-            .filter(|q| !q.is_empty())
-            .unwrap_or_else(|| destination.default_queue())
-            .to_owned();
+        let queue = queue.filter(|q| !q.is_empty());
+        let queue = match (destination.kind(), queue) {
+            (DestinationKind::Queue { name } | DestinationKind::AmqQueue { name }, Some(given))
+                if given != name =>
+            {
+                return Err(Error::InvalidSetting {
+                    key: "queue".to_owned(),
+                    value: format!("{given:?}"),
+                    allowed: format!(
+                        "`{destination}` is consumed from queue `{name}` (and fails to DLQ.{name}); \
+                         leave the queue argument out, or use /topic/ or /exchange/ to name your own queue"
+                    ),
+                });
+            }
+            (_, Some(given)) => given.to_owned(),
+            (_, None) => destination.default_queue().to_owned(),
+        };
         Ok(Consumer {
             shared: Arc::new(Shared {
                 retention: Arc::new(Retention::new(settings.retention.clone())),
@@ -106,11 +132,20 @@ impl Consumer {
                 metrics: Arc::new(Metrics::default()),
                 next_token: AtomicU64::new(1),
                 report: Counters::default(),
+                database_down: AtomicBool::new(false),
                 name: format!("outbox-consumer@{}", std::process::id()),
             }),
             destination,
             queue,
+            transport: None,
         })
+    }
+
+    /// Consume through `transport` instead of the one `broker.url` names
+    /// (e.g. a [`MemoryBroker`](crate::MemoryBroker) in tests).
+    pub fn with_transport(mut self, transport: impl Into<Transport>) -> Self {
+        self.transport = Some(transport.into());
+        self
     }
 
     /// Count into `metrics` (e.g. to serve them with `--metrics-addr`).
@@ -126,66 +161,76 @@ impl Consumer {
         &self.queue
     }
 
-    /// Declare the queues now (idempotent), so messages published before
-    /// [`Consumer::run`] starts are routed to the queue instead of returned.
-    pub async fn declare(&self) -> Result<crate::QueueDeclaration> {
-        let (broker, _channel, declared) = self.connect_and_declare().await?;
-        broker.close().await;
-        Ok(declared)
+    fn transport(&self) -> Result<Transport> {
+        match &self.transport {
+            Some(transport) => Ok(transport.clone()),
+            None => Transport::from_settings(&self.shared.settings.broker),
+        }
     }
 
-    /// A connection, a channel, and the subscription's queues declared on it.
-    async fn connect_and_declare(
-        &self,
-    ) -> Result<(Broker, lapin::Channel, crate::QueueDeclaration)> {
-        let settings = &self.shared.settings;
-        let timeout = settings.broker.operation_timeout;
-        let broker = Broker::connect(&settings.broker, &self.shared.name).await?;
-        let channel = with_timeout(
-            timeout,
-            "channel.open",
-            broker.connection().create_channel(),
-        )
-        .await?;
-        let declared = declare_subscription(
-            &channel,
-            &self.destination,
-            &self.queue,
-            settings.consumer.exclusive_queue,
-            timeout,
-        )
-        .await
-        .map_err(|err| explain_declare_error(err, &self.queue))?;
-        Ok((broker, channel, declared))
+    fn spec(&self) -> SubscriptionSpec {
+        SubscriptionSpec {
+            destination: self.destination.clone(),
+            queue: self.queue.clone(),
+            consumer: self.shared.settings.consumer.clone(),
+            name: self.shared.name.clone(),
+        }
+    }
+
+    /// Declare the queues now (idempotent), so messages published before
+    /// [`Consumer::run`] starts are routed to the queue instead of returned.
+    pub async fn declare(&self) -> Result<QueueDeclaration> {
+        self.shared.settings.check_consumer()?;
+        let subscription = self.transport()?.subscribe(&self.spec()).await?;
+        let declared = subscription.declaration().clone();
+        subscription.close().await;
+        Ok(declared)
     }
 
     /// Consume until `shutdown` fires, surviving broker and database
     /// restarts. On shutdown, stop taking deliveries, let in-flight callbacks
-    /// finish (up to `consumer.shutdown_timeout`) and ack or nack them.
+    /// finish (up to `consumer.shutdown_timeout`) and settle them. Refused
+    /// credentials, a subscription the broker refuses and missing tables
+    /// end the run with an error that says how to fix them.
     pub async fn run(self, mut shutdown: Shutdown) -> Result<ConsumerReport> {
         let settings = &self.shared.settings;
+        settings.check_consumer()?;
+        crate::schema::check(&self.shared.db, crate::schema::Need::Inbox).await?;
+        let transport = self.transport()?;
+        let spec = self.spec();
         let mut backoff = Backoff::new(settings.broker.maximum_backoff);
-        info!(consumer = %self.shared.name, destination = %self.destination, queue = %self.queue, prefetch = settings.consumer.prefetch, concurrency = settings.consumer.concurrency, "consumer started");
+        info!(consumer = %self.shared.name, broker = %transport.endpoint(), destination = %self.destination, queue = %self.queue, prefetch = settings.consumer.prefetch, concurrency = settings.consumer.concurrency, "consumer started");
+        let mut consumed_before = false;
         while !shutdown.is_triggered() {
-            let mut consuming = false;
-            match self
-                .session(&mut shutdown, &mut backoff, &mut consuming)
-                .await
-            {
-                Ok(()) => {}
+            let subscription = match transport.subscribe(&spec).await {
+                Ok(subscription) => subscription,
+                Err(err) if !err.is_transient() => {
+                    error!(consumer = %self.shared.name, error = %report(&err), "cannot consume");
+                    return Err(err);
+                }
                 Err(err) => {
                     let delay = backoff.next_delay();
-                    if err.is_transient() && !consuming {
-                        warn!(consumer = %self.shared.name, error = %report(&err), retry_in = ?delay, "cannot start consuming (broker unreachable or queue refused); retrying");
-                    } else if err.is_transient() {
-                        warn!(consumer = %self.shared.name, error = %report(&err), retry_in = ?delay, "broker connection lost; reconnecting");
-                    } else {
-                        error!(consumer = %self.shared.name, error = %report(&err), retry_in = ?delay, "cannot consume; retrying");
-                    }
+                    warn!(consumer = %self.shared.name, error = %report(&err), retry_in = ?delay, "cannot start consuming (broker unreachable); retrying");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = shutdown.wait() => {}
                     }
+                    continue;
+                }
+            };
+            if consumed_before || backoff.failures() > 0 {
+                info!(consumer = %self.shared.name, "broker connection restored; consuming again");
+            }
+            backoff.reset();
+            consumed_before = true;
+            let declaration = subscription.declaration().clone();
+            info!(consumer = %self.shared.name, queue = %declaration.queue, dead_letter_queue = %declaration.dead_letter_queue, "waiting for messages");
+            if let Err(err) = self.session(subscription, &mut shutdown).await {
+                let delay = backoff.next_delay();
+                warn!(consumer = %self.shared.name, error = %report(&err), retry_in = ?delay, "broker connection lost; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.wait() => {}
                 }
             }
         }
@@ -194,106 +239,90 @@ impl Consumer {
             saved: counters.saved.load(Ordering::Relaxed),
             duplicates: counters.duplicates.load(Ordering::Relaxed),
             dead_lettered: counters.dead_lettered.load(Ordering::Relaxed),
+            requeued: counters.requeued.load(Ordering::Relaxed),
         };
-        info!(consumer = %self.shared.name, saved = report.saved, duplicates = report.duplicates, dead_lettered = report.dead_lettered, "consumer stopped");
+        info!(consumer = %self.shared.name, saved = report.saved, duplicates = report.duplicates, dead_lettered = report.dead_lettered, requeued = report.requeued, "consumer stopped");
         Ok(report)
     }
 
-    /// One connection's life: declare, consume, hand deliveries out.
+    /// One connection's life: hand deliveries to callbacks until shutdown
+    /// (`Ok`) or the connection breaks (`Err`).
     async fn session(
         &self,
+        mut subscription: impl Subscription,
         shutdown: &mut Shutdown,
-        backoff: &mut Backoff,
-        consuming: &mut bool,
     ) -> Result<()> {
         let settings = &self.shared.settings;
-        let timeout = settings.broker.operation_timeout;
-        let (broker, channel, declared) = self.connect_and_declare().await?;
-        with_timeout(
-            timeout,
-            "basic.qos",
-            channel.basic_qos(settings.consumer.prefetch, BasicQosOptions::default()),
-        )
-        .await?;
-        let tag = format!("outbox-{}", Uuid::new_v4().simple());
-        let mut deliveries = with_timeout(
-            timeout,
-            "basic.consume",
-            channel.basic_consume(
-                declared.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
-        *consuming = true;
-        if backoff.failures() > 0 {
-            info!(consumer = %self.shared.name, "broker connection restored; consuming again");
-        }
-        backoff.reset();
-        info!(consumer = %self.shared.name, queue = %declared.queue, dead_letter_queue = %declared.dead_letter_queue, "waiting for messages");
-
         let permits = Arc::new(Semaphore::new(settings.consumer.concurrency));
+        let settler = subscription.settler();
         let mut in_flight = JoinSet::new();
-        let acks = Acks::start(channel.clone());
-        let ack_events = acks.sender();
         let outcome = loop {
             // Reap finished handlers so the set does not grow.
             while in_flight.try_join_next().is_some() {}
+            if self.shared.database_down.load(Ordering::Acquire)
+                && !self.wait_for_database(shutdown).await
+            {
+                break Ok(());
+            }
             let permit = tokio::select! {
-                permit = Arc::clone(&permits).acquire_owned() => permit.map_err(|_| Error::BrokerTimeout { operation: "semaphore", timeout })?,
+                permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break Ok(()),
+                },
                 () = shutdown.wait() => break Ok(()),
             };
             let delivery = tokio::select! {
-                next = deliveries.next() => next,
+                next = subscription.next() => next,
                 () = shutdown.wait() => break Ok(()),
             };
             match delivery {
-                Some(Ok(delivery)) => {
+                Ok(delivery) => {
                     let shared = Arc::clone(&self.shared);
                     let destination = self.destination.clone();
-                    let events = ack_events.clone();
-                    let _ = events.send(AckEvent::Delivered(delivery.delivery_tag));
+                    let settler = settler.clone();
                     in_flight.spawn(async move {
-                        let tag = delivery.delivery_tag;
-                        let ack = handle(&shared, &destination, delivery).await;
-                        let _ = events.send(AckEvent::Done { tag, ack });
+                        handle(&shared, &destination, delivery, &settler).await;
                         drop(permit);
                     });
                 }
-                Some(Err(err)) => break Err(Error::Broker(err)),
-                None => {
-                    break Err(Error::BrokerTimeout {
-                        operation: "consume (the broker ended the consumer)",
-                        timeout,
-                    });
-                }
+                Err(err) => break Err(err),
             }
         };
-        if shutdown.is_triggered() {
-            // Stop new deliveries; unstarted prefetched ones return to the queue.
-            let _ = with_timeout(
-                timeout,
-                "basic.cancel",
-                channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()),
-            )
-            .await;
-            self.drain(in_flight).await;
-            drop(ack_events);
-            acks.finish().await;
-            broker.close().await;
+        if outcome.is_ok() {
+            self.drain(&mut in_flight).await;
         } else {
-            // The connection broke: handlers finish; their acks fail and the
-            // broker redelivers, which the `received` table deduplicates.
+            // The connection broke: handlers finish; their settles go
+            // nowhere and the broker redelivers, which the inbox deduplicates.
             while in_flight.join_next().await.is_some() {}
-            drop(ack_events);
-            acks.finish().await;
         }
+        drop(settler);
+        subscription.close().await;
         outcome
     }
 
-    async fn drain(&self, mut in_flight: JoinSet<()>) {
+    /// Wait until the database answers again; `false` on shutdown.
+    async fn wait_for_database(&self, shutdown: &mut Shutdown) -> bool {
+        let mut backoff = Backoff::new(self.shared.settings.broker.maximum_backoff);
+        loop {
+            match self.shared.db.ping().await {
+                Ok(()) => {
+                    info!(consumer = %self.shared.name, "database reachable again; consuming");
+                    self.shared.database_down.store(false, Ordering::Release);
+                    return true;
+                }
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    warn!(consumer = %self.shared.name, error = %report(&Error::from(err)), retry_in = ?delay, "database unreachable; not taking messages until it answers");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.wait() => return false,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn drain(&self, in_flight: &mut JoinSet<()>) {
         while in_flight.try_join_next().is_some() {}
         if in_flight.is_empty() {
             return;
@@ -305,96 +334,107 @@ impl Consumer {
             None => wait_all.await,
             Some(limit) => {
                 if tokio::time::timeout(limit, wait_all).await.is_err() {
-                    warn!(consumer = %self.shared.name, ?limit, "message processing did not complete within the shutdown timeout; proceeding with shutdown (unacknowledged messages will be redelivered)");
+                    warn!(consumer = %self.shared.name, ?limit, "message processing did not complete within the shutdown timeout; proceeding with shutdown (unsettled messages will be redelivered)");
+                    in_flight.abort_all();
                 }
             }
         }
     }
 }
 
-/// A queue that exists with other arguments is a setup problem: say so.
-fn explain_declare_error(err: Error, queue: &str) -> Error {
-    if let Error::Broker(inner) = &err
-        && inner.to_string().contains("PRECONDITION_FAILED")
-    {
-        error!(queue, error = %inner, "queue `{queue}` (or DLQ.{queue}) exists with different arguments; delete it or use another queue name");
-    }
-    err
-}
-
-/// One delivery, start to decision: `true` to ack, `false` to nack (dead-letter).
-async fn handle(shared: &Shared, destination: &Destination, delivery: Delivery) -> bool {
+/// One delivery, start to settle.
+async fn handle(shared: &Shared, destination: &Destination, delivery: Delivery, settler: &Settler) {
     let started = Instant::now();
-    let headers = header_map(&delivery, destination);
-    let msg_id = message_id(&delivery, &headers);
-    let correlation_id = headers
-        .get(headers::CORRELATION_ID)
-        .filter(|id| !id.is_empty())
-        .cloned()
-        .unwrap_or_else(|| Uuid::new_v4().to_string());
-    let decision = decide(shared, &delivery, headers, msg_id.clone(), correlation_id).await;
+    let tag = delivery.tag;
+    let msg_id = message_id(&delivery);
+    let decision = match &msg_id {
+        Some(id) if id.len() > MAX_MSG_ID_LEN => Decision::Nack(format!(
+            "the message id is {} characters; the inbox (`received.msg_id`) holds at most {MAX_MSG_ID_LEN}",
+            id.len()
+        )),
+        _ => {
+            let correlation_id = correlation_id(&delivery.headers, msg_id.as_deref());
+            decide(
+                shared,
+                destination,
+                delivery,
+                msg_id.clone(),
+                correlation_id,
+            )
+            .await
+        }
+    };
     shared.metrics.handle_latency.observe(started.elapsed());
     let id = msg_id.as_deref().unwrap_or("<none>");
-    let ack = match &decision {
-        Decision::Saved | Decision::Duplicate => {
-            let counter = if decision == Decision::Saved {
-                &shared.report.saved
-            } else {
-                &shared.report.duplicates
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            if decision == Decision::Duplicate {
-                Metrics::add(&shared.metrics.duplicates, 1);
-            }
+    let settle = match decision {
+        Decision::Saved => {
+            shared.report.saved.fetch_add(1, Ordering::Relaxed);
             Metrics::add(&shared.metrics.consumed, 1);
-            true
+            Settle::Ack
+        }
+        Decision::Duplicate => {
+            shared.report.duplicates.fetch_add(1, Ordering::Relaxed);
+            Metrics::add(&shared.metrics.duplicates, 1);
+            Metrics::add(&shared.metrics.consumed, 1);
+            Settle::Ack
         }
         Decision::Nack(reason) => {
             shared.report.dead_lettered.fetch_add(1, Ordering::Relaxed);
             Metrics::add(&shared.metrics.dead_lettered, 1);
-            warn!(msg_id = id, reason = %reason, "message rejected to the dead-letter queue");
-            false
+            warn!(msg_id = id, reason = %reason, "message sent to the dead-letter queue");
+            Settle::DeadLetter(reason)
+        }
+        Decision::Requeue(reason) => {
+            shared.report.requeued.fetch_add(1, Ordering::Relaxed);
+            shared.database_down.store(true, Ordering::Release);
+            warn!(msg_id = id, error = %reason, "database unreachable after the retries; the message goes back to the queue");
+            Settle::Retry
         }
     };
+    settler.settle(tag, settle);
     shared
         .retention
         .maybe_spawn(&shared.db, Table::Received)
         .await;
-    ack
 }
 
 async fn decide(
     shared: &Shared,
-    delivery: &Delivery,
-    headers: BTreeMap<String, String>,
+    destination: &Destination,
+    delivery: Delivery,
     msg_id: Option<String>,
     correlation_id: String,
 ) -> Decision {
     let settings = &shared.settings.consumer;
     let id = msg_id.as_deref().unwrap_or("<none>").to_owned();
     let mut attempt = 0;
+    let Delivery { headers, body, .. } = delivery;
+    let body = Arc::new(body);
     loop {
         match already_received(&shared.db, msg_id.as_deref()).await {
             Ok(true) => {
-                info!(msg_id = %id, "message already received; acking without running the callback");
+                debug!(msg_id = %id, "message already received; acking without running the callback");
                 return Decision::Duplicate;
             }
             Ok(false) => {}
-            Err(err) if err.is_transient() && attempt < settings.max_retry_attempts => {
-                attempt += 1;
-                retry_wait(settings.retry_wait, attempt, &id, report(&err)).await;
-                continue;
+            Err(err) if err.is_transient() => {
+                if attempt < settings.max_retry_attempts {
+                    attempt += 1;
+                    retry_wait(settings.retry_wait, attempt, &id, report(&err)).await;
+                    continue;
+                }
+                return Decision::Requeue(report(&err));
             }
             Err(err) => {
                 return Decision::Nack(format!("cannot check for duplicates: {}", report(&err)));
             }
         }
         if msg_id.is_none() {
-            warn!("message has no cap-msg-id, dop-msg-id or message_id; it cannot be deduplicated");
+            warn!(destination = %destination, "message has no cap-msg-id, dop-msg-id or message_id; it cannot be deduplicated");
         }
         let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
         let payload = Payload::new(
-            delivery.data.clone(),
+            Arc::clone(&body),
             headers.clone(),
             msg_id.clone(),
             correlation_id.clone(),
@@ -404,10 +444,13 @@ async fn decide(
         if let Some(err) = payload.body_error() {
             debug!(msg_id = %id, error = err, "body is not JSON; the callback gets it as a string");
         }
-        let run = with_correlation_id(
-            correlation_id.clone(),
-            shared.callback.call(payload.clone()),
-        );
+        // The call itself inside the future: a closure that panics before
+        // returning its future is caught like one that panics later.
+        let callback = &shared.callback;
+        let run = with_correlation_id(correlation_id.clone(), {
+            let payload = payload.clone();
+            async move { callback.call(payload).await }
+        });
         match AssertUnwindSafe(run).catch_unwind().await {
             Ok(Ok(handled)) if handled.token == payload.token() => return handled.decision,
             Ok(Ok(_)) => {
@@ -416,11 +459,15 @@ async fn decide(
                     "callback returned a decision made for another payload".to_owned(),
                 );
             }
-            Ok(Err(err)) if is_transient(err.as_ref()) && attempt < settings.max_retry_attempts => {
-                attempt += 1;
+            Ok(Err(err)) if is_transient(err.as_ref()) => {
                 let text = report(err.as_ref());
                 drop(err);
-                retry_wait(settings.retry_wait, attempt, &id, text).await;
+                if attempt < settings.max_retry_attempts {
+                    attempt += 1;
+                    retry_wait(settings.retry_wait, attempt, &id, text).await;
+                    continue;
+                }
+                return Decision::Requeue(text);
             }
             Ok(Err(err)) => {
                 let text = report(err.as_ref());
@@ -471,70 +518,41 @@ async fn already_received(db: &DatabaseConnection, msg_id: Option<&str>) -> Resu
     Ok(found.is_some())
 }
 
-/// The first of `cap-msg-id`, `dop-msg-id`, the AMQP `message_id` that is not empty.
-fn message_id(delivery: &Delivery, headers: &BTreeMap<String, String>) -> Option<String> {
+/// The first of `cap-msg-id`, `dop-msg-id`, the transport's message id that is not empty.
+fn message_id(delivery: &Delivery) -> Option<String> {
     [headers::CAP_MSG_ID, headers::MSG_ID]
         .iter()
-        .filter_map(|name| headers.get(*name))
+        .filter_map(|name| delivery.headers.get(*name))
         .find(|id| !id.is_empty())
         .cloned()
-        .or_else(|| {
-            delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-                .filter(|id| !id.is_empty())
-        })
+        .or_else(|| delivery.transport_id.clone().filter(|id| !id.is_empty()))
 }
 
-/// AMQP headers as text, plus what a STOMP subscriber would see:
-/// `destination` rebuilt from the delivery, and `redelivered`.
-fn header_map(delivery: &Delivery, destination: &Destination) -> BTreeMap<String, String> {
-    let mut map = BTreeMap::new();
-    if let Some(table) = delivery.properties.headers() {
-        for (name, value) in table.inner() {
-            if let Some(text) = value_text(value) {
-                map.insert(name.to_string(), text);
-            }
+/// The incoming correlation id, unless it is missing or too long to pass
+/// on (the relay refuses ids over 255 bytes): then a new one.
+fn correlation_id(headers: &BTreeMap<String, String>, msg_id: Option<&str>) -> String {
+    match headers.get(headers::CORRELATION_ID) {
+        Some(id) if id.len() > crate::headers::MAX_CORRELATION_ID_LEN => {
+            let new = Uuid::new_v4().to_string();
+            warn!(msg_id = msg_id.unwrap_or("<none>"), length = id.len(), replaced_by = %new, "incoming dop-correlation-id is longer than 255 bytes; events this callback emits carry a new one");
+            new
         }
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => Uuid::new_v4().to_string(),
     }
-    let exchange = delivery.exchange.as_str();
-    let routing_key = delivery.routing_key.as_str();
-    let delivered_to = match exchange {
-        "" => format!("/queue/{routing_key}"),
-        "amq.topic" => format!("/topic/{routing_key}"),
-        _ if routing_key.is_empty() => format!("/exchange/{exchange}"),
-        _ => format!("/exchange/{exchange}/{routing_key}"),
-    };
-    map.insert("destination".to_owned(), delivered_to);
-    map.insert(
-        "subscription-destination".to_owned(),
-        destination.to_string(),
-    );
-    map.insert("redelivered".to_owned(), delivery.redelivered.to_string());
-    if let Some(id) = delivery.properties.message_id() {
-        map.insert("amqp-message-id".to_owned(), id.to_string());
-    }
-    map
 }
 
-fn value_text(value: &AMQPValue) -> Option<String> {
-    Some(match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.to_string(),
-        AMQPValue::Boolean(b) => b.to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Float(n) => n.to_string(),
-        AMQPValue::Double(n) => n.to_string(),
-        AMQPValue::Timestamp(n) => n.to_string(),
-        // Arrays (x-death), tables and byte arrays have no text form; STOMP drops them too.
-        _ => return None,
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn over_long_correlation_ids_are_replaced() {
+        let mut headers = BTreeMap::new();
+        headers.insert(headers::CORRELATION_ID.to_owned(), "c".repeat(300));
+        let id = correlation_id(&headers, None);
+        assert_eq!(id.len(), 36, "{id}");
+        headers.insert(headers::CORRELATION_ID.to_owned(), "kept".to_owned());
+        assert_eq!(correlation_id(&headers, None), "kept");
+    }
 }

@@ -4,15 +4,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{Duration, SubsecRound, Utc};
+use sea_orm::prelude::async_trait::async_trait;
 use sea_orm::{
-    DatabaseConnection, DatabaseTransaction, EntityTrait, IntoActiveModel, SqlErr, TransactionTrait,
+    AccessMode, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    EntityTrait, ExecResult, IntoActiveModel, IsolationLevel, QueryResult, SqlErr, Statement,
+    TransactionError, TransactionOptions, TransactionTrait,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::entity::received;
-use crate::{Result, Status};
+use crate::{Error, Result, Status};
 
 /// The callback's decision. Only [`Payload::save`], [`Payload::save_alone`]
 /// and [`Payload::nack`] make one, so every callback ends with a decision.
@@ -28,8 +31,10 @@ pub(crate) enum Decision {
     Saved,
     /// Another delivery of the same id committed first: ack, nothing saved.
     Duplicate,
-    /// Reject without requeue: the queue dead-letters it to `DLQ.<queue>`.
+    /// Failed for good: to the dead-letter queue, with why.
     Nack(String),
+    /// Not processed because the database stayed unreachable: back to the queue.
+    Requeue(String),
 }
 
 impl Handled {
@@ -54,7 +59,7 @@ pub struct Payload {
 struct Inner {
     body: Value,
     body_error: Option<String>,
-    raw: Vec<u8>,
+    raw: Arc<Vec<u8>>,
     headers: BTreeMap<String, String>,
     msg_id: Option<String>,
     correlation_id: String,
@@ -64,7 +69,7 @@ struct Inner {
 
 impl Payload {
     pub(crate) fn new(
-        raw: Vec<u8>,
+        raw: Arc<Vec<u8>>,
         headers: BTreeMap<String, String>,
         msg_id: Option<String>,
         correlation_id: String,
@@ -140,16 +145,27 @@ impl Payload {
         &self.inner.db
     }
 
-    /// Begin the transaction to write business data in; finish with [`Payload::save`].
-    pub async fn begin(&self) -> Result<DatabaseTransaction> {
-        Ok(self.inner.db.begin().await?)
+    /// Begin the transaction to write business data in; finish with
+    /// [`Payload::save`]. It is a SeaORM connection: pass `&txn` to
+    /// `insert`, `update`, queries and `insert_and_publish`.
+    pub async fn begin(&self) -> Result<Transaction> {
+        Ok(Transaction {
+            inner: self.inner.db.begin().await?,
+            token: self.inner.token,
+        })
     }
 
     /// Record the message as processed inside `txn` and commit `txn`: your
     /// writes and the deduplication row commit together, and the ack is sent
     /// after the commit. If another delivery of the same message committed
     /// first, `txn` is rolled back and the message is acked as a duplicate.
-    pub async fn save(&self, txn: DatabaseTransaction) -> Result<Handled> {
+    /// `txn` must come from this payload's [`Payload::begin`].
+    pub async fn save(&self, txn: Transaction) -> Result<Handled> {
+        if txn.token != self.inner.token {
+            let _ = txn.inner.rollback().await;
+            return Err(Error::ForeignTransaction);
+        }
+        let txn = txn.inner;
         match received::Entity::insert(self.received_row().into_active_model())
             .exec_without_returning(&txn)
             .await
@@ -162,7 +178,10 @@ impl Payload {
                 txn.rollback().await?;
                 Ok(self.decide(Decision::Duplicate))
             }
-            Err(err) => Err(err.into()),
+            Err(err) => {
+                let _ = txn.rollback().await;
+                Err(err.into())
+            }
         }
     }
 
@@ -206,5 +225,111 @@ impl Payload {
             retry: 0,
             status: Status::Succeeded,
         }
+    }
+}
+
+/// The transaction a callback writes in: begun by [`Payload::begin`], ended
+/// by [`Payload::save`] (which commits it with the inbox row) or by dropping
+/// it (which rolls it back). Use `&txn` wherever SeaORM takes a connection.
+#[derive(Debug)]
+pub struct Transaction {
+    inner: DatabaseTransaction,
+    token: u64,
+}
+
+impl Transaction {
+    /// Roll back explicitly (dropping it also rolls back, later).
+    pub async fn rollback(self) -> Result<()> {
+        Ok(self.inner.rollback().await?)
+    }
+}
+
+#[async_trait]
+impl ConnectionTrait for Transaction {
+    fn get_database_backend(&self) -> DbBackend {
+        self.inner.get_database_backend()
+    }
+
+    async fn execute_raw(&self, stmt: Statement) -> std::result::Result<ExecResult, DbErr> {
+        self.inner.execute_raw(stmt).await
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
+        self.inner.execute_unprepared(sql).await
+    }
+
+    async fn query_one_raw(
+        &self,
+        stmt: Statement,
+    ) -> std::result::Result<Option<QueryResult>, DbErr> {
+        self.inner.query_one_raw(stmt).await
+    }
+
+    async fn query_all_raw(&self, stmt: Statement) -> std::result::Result<Vec<QueryResult>, DbErr> {
+        self.inner.query_all_raw(stmt).await
+    }
+
+    fn support_returning(&self) -> bool {
+        self.inner.support_returning()
+    }
+}
+
+/// Nested transactions are savepoints inside this one.
+#[async_trait]
+impl TransactionTrait for Transaction {
+    type Transaction = DatabaseTransaction;
+
+    async fn begin(&self) -> std::result::Result<DatabaseTransaction, DbErr> {
+        self.inner.begin().await
+    }
+
+    async fn begin_with_config(
+        &self,
+        isolation_level: Option<IsolationLevel>,
+        access_mode: Option<AccessMode>,
+    ) -> std::result::Result<DatabaseTransaction, DbErr> {
+        self.inner
+            .begin_with_config(isolation_level, access_mode)
+            .await
+    }
+
+    async fn begin_with_options(
+        &self,
+        options: TransactionOptions,
+    ) -> std::result::Result<DatabaseTransaction, DbErr> {
+        self.inner.begin_with_options(options).await
+    }
+
+    async fn transaction<F, T, E>(&self, callback: F) -> std::result::Result<T, TransactionError<E>>
+    where
+        F: for<'c> FnOnce(
+                &'c DatabaseTransaction,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = std::result::Result<T, E>> + Send + 'c>,
+            > + Send,
+        T: Send,
+        E: std::fmt::Display + std::fmt::Debug + Send,
+    {
+        self.inner.transaction(callback).await
+    }
+
+    async fn transaction_with_config<F, T, E>(
+        &self,
+        callback: F,
+        isolation_level: Option<IsolationLevel>,
+        access_mode: Option<AccessMode>,
+    ) -> std::result::Result<T, TransactionError<E>>
+    where
+        F: for<'c> FnOnce(
+                &'c DatabaseTransaction,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = std::result::Result<T, E>> + Send + 'c>,
+            > + Send,
+        T: Send,
+        E: std::fmt::Display + std::fmt::Debug + Send,
+    {
+        self.inner
+            .transaction_with_config(callback, isolation_level, access_mode)
+            .await
     }
 }

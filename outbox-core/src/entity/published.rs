@@ -1,8 +1,9 @@
 //! `published`: the outbox table.
 //!
 //! Same columns as django-outbox-pattern's `Published`, plus three the relay
-//! needs: `next_attempt_at` (claim lease and retry schedule), `last_error`
-//! and `correlation_id`-free headers stay in `headers`.
+//! needs: `next_attempt_at` (claim lease and retry schedule), `last_error`,
+//! and `claim_token` (which claim holds the row; every change the relay
+//! makes to a claimed row is conditional on it).
 
 use sea_orm::entity::prelude::*;
 
@@ -35,6 +36,8 @@ pub struct Model {
     pub next_attempt_at: DateTimeUtc,
     /// Why the last attempt failed.
     pub last_error: Option<String>,
+    /// The claim that holds the row while a relay sends it; `NULL` otherwise.
+    pub claim_token: Option<Uuid>,
 }
 
 /// No relations.

@@ -1,29 +1,39 @@
-//! The relay: claim → publish with confirms → mark, until asked to stop.
+//! The relay: claim → publish → outcome by row id → mark, until asked to stop.
+//!
+//! Rows flow one way. A claim (with its token and lease) hands rows to the
+//! [`Window`]; the transport reports one outcome per row id; the window turns
+//! outcomes into marks under the claim that holds each row; the marks are
+//! written conditional on that claim. At most `relay.max_in_flight` rows are
+//! sent and not yet marked at any time, which is also what a crashed relay
+//! can send twice. A message's own failure costs that row one attempt; a
+//! lost connection costs nothing (the rows go back); refused credentials
+//! stop the relay with the fix.
 
+mod claim;
+mod envelope;
 mod listen;
 mod schedule;
-mod store;
+mod window;
 
-use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
-use sea_orm::DatabaseConnection;
+use chrono::{DateTime, Utc};
+use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
-use crate::broker::{Broker, InFlight, Outcome, Outgoing, Returns};
+use crate::broker::{AnyPublisher, Envelope, Outcome, Publisher, Transport};
+use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::retention::{Retention, Table};
-use crate::settings::Unroutable;
-use crate::{Destination, Error, Result, Settings, Shutdown, report};
+use crate::{Error, Result, Settings, Shutdown, report};
 
-use schedule::next_attempt_after;
-use store::{ClaimedRow, Store};
+use claim::{Backlog, Claim, Store};
+use window::{Flight, Marks, Window};
 
 /// What a relay run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,18 +44,31 @@ pub struct RelayReport {
     pub retried: u64,
     /// Rows that reached FAILED.
     pub failed: u64,
+    /// With [`Relay::run_until_empty`]: rows left unsent because they wait
+    /// for a later attempt or are held by another relay.
+    pub unsent: u64,
 }
 
-/// Moves `published` rows to RabbitMQ. Several relays may run against one
+/// Moves `published` rows to the broker. Several relays may run against one
 /// database; each row is claimed by one of them at a time.
-#[derive(Debug)]
 pub struct Relay {
     store: Store,
     db: DatabaseConnection,
     settings: Settings,
+    transport: Option<Transport>,
+    clock: Clock,
     metrics: Arc<Metrics>,
     retention: Arc<Retention>,
     name: String,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("name", &self.name)
+            .field("backend", &self.store.backend())
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a run ends.
@@ -56,16 +79,39 @@ enum Mode {
 }
 
 impl Relay {
-    /// A relay over `db` with `settings`.
+    /// A relay over `db` with `settings`, to the broker `broker.url` names.
     pub fn new(db: DatabaseConnection, settings: Settings) -> Self {
         Relay {
             store: Store::new(db.clone()),
             retention: Arc::new(Retention::new(settings.retention.clone())),
             db,
             settings,
+            transport: None,
+            clock: Clock::system(),
             metrics: Arc::new(Metrics::default()),
             name: format!("outbox-relay@{}", std::process::id()),
         }
+    }
+
+    /// Publish through `transport` instead of the one `broker.url` names
+    /// (e.g. a [`MemoryBroker`](crate::MemoryBroker) in tests).
+    pub fn with_transport(mut self, transport: impl Into<Transport>) -> Self {
+        self.transport = Some(transport.into());
+        self
+    }
+
+    /// Read time from `clock` (a manual clock makes leases and retries due
+    /// without waiting).
+    #[cfg(feature = "memory")]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Name the relay in logs and broker connections.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Count into `metrics` (e.g. to serve them with `--metrics-addr`).
@@ -79,277 +125,450 @@ impl Relay {
         &self.metrics
     }
 
-    /// Relay until `shutdown` fires; the in-flight batch is finished and marked.
+    /// Relay until `shutdown` fires; what is in flight is confirmed and marked.
     pub async fn run(self, shutdown: Shutdown) -> Result<RelayReport> {
         self.run_mode(shutdown, Mode::Forever).await
     }
 
-    /// Relay what is schedulable now, then return (or stop early on `shutdown`).
+    /// Relay what is schedulable now, then return (or stop early on
+    /// `shutdown`). Rows another relay holds are waited for up to
+    /// `relay.claim_lease`; rows waiting for a later attempt are counted in
+    /// [`RelayReport::unsent`]. An outage longer than
+    /// `broker.operation_timeout` ends the run with its error.
     pub async fn run_until_empty(self, shutdown: Shutdown) -> Result<RelayReport> {
         self.run_mode(shutdown, Mode::UntilEmpty).await
     }
 
     async fn run_mode(self, mut shutdown: Shutdown, mode: Mode) -> Result<RelayReport> {
+        self.settings.check_relay()?;
+        crate::schema::check(&self.db, crate::schema::Need::Outbox).await?;
+        let transport = match &self.transport {
+            Some(transport) => transport.clone(),
+            None => Transport::from_settings(&self.settings.broker)?,
+        };
         let wake = Arc::new(Notify::new());
         let listener = self.spawn_listener(&wake);
-        let mut state = State::new(self.settings.broker.maximum_backoff);
-        info!(relay = %self.name, batch_size = self.settings.relay.batch_size, "relay started");
-        let result = self.main_loop(&mut shutdown, mode, &wake, &mut state).await;
+        let mut run = Run::new(&self.settings);
+        info!(
+            relay = %self.name,
+            broker = %transport.endpoint(),
+            batch_size = self.settings.relay.batch_size,
+            max_in_flight = self.settings.relay.max_in_flight,
+            "relay started"
+        );
+        let result = self
+            .main_loop(&transport, &mut run, &mut shutdown, mode, &wake)
+            .await;
         if let Some(listener) = listener {
             listener.abort();
         }
-        // Whatever happened: collect and mark what is in flight (the stop
-        // is graceful), give back what cannot be confirmed, finish marking.
-        self.drain_in_flight(&mut state).await;
-        if let Some(rows) = state.ahead.take() {
-            self.release(&rows).await;
-        }
-        state.finish_marking().await;
-        if let Some(broker) = state.broker.take() {
-            broker.close().await;
-        }
+        self.wind_down(&mut run).await;
         info!(
             relay = %self.name,
-            published = state.report.published,
-            retried = state.report.retried,
-            failed = state.report.failed,
+            published = run.report.published,
+            retried = run.report.retried,
+            failed = run.report.failed,
             "relay stopped"
         );
-        result.map(|()| state.report)
+        result.map(|()| run.report)
     }
 
     async fn main_loop(
         &self,
+        transport: &Transport,
+        run: &mut Run,
         shutdown: &mut Shutdown,
         mode: Mode,
         wake: &Notify,
-        state: &mut State,
     ) -> Result<()> {
         self.retention.maybe_spawn(&self.db, Table::Published).await;
         loop {
             if shutdown.is_triggered() {
                 return Ok(());
             }
-            self.log_progress(state).await;
+            self.log_progress(run).await;
 
-            if state.broker.as_ref().is_none_or(|b| !b.is_connected()) {
-                // Batches sent on a dead connection have unknown outcomes.
-                self.release_in_flight(state).await;
-                state.broker = None;
-                match Broker::connect(&self.settings.broker, &self.name).await {
-                    Ok(broker) => {
-                        if state.backoff.failures() > 0 {
+            if run.publisher.as_ref().is_none_or(|p| !p.is_connected()) {
+                // Rows sent on a dead connection have unknown outcomes.
+                self.give_back_everything(run).await;
+                run.publisher = None;
+                match transport.publisher(&self.name).await {
+                    Ok(publisher) => {
+                        if run.broker_down.take().is_some() {
                             info!(relay = %self.name, "broker connection restored");
                         }
-                        state.broker = Some(broker);
+                        run.backoff.reset();
+                        run.publisher = Some(publisher);
                     }
                     Err(err) => {
-                        self.outage(state, shutdown, "cannot connect to the broker", &err)
-                            .await?;
+                        self.outage(
+                            run,
+                            shutdown,
+                            mode,
+                            Down::Broker,
+                            "cannot connect to the broker",
+                            err,
+                        )
+                        .await?;
                         continue;
                     }
                 }
             }
 
-            // Keep up to `max_in_flight` messages waiting for confirms: the
-            // broker works on earlier batches while we claim the next one.
-            match self.fill_window(state, shutdown).await {
+            self.renew_leases(run).await;
+
+            match self.fill_window(run, shutdown).await {
                 Ok(()) => {}
+                Err(err) if err.is_transient() && matches!(err, Error::Database(_)) => {
+                    // Keep collecting what is in flight; claim again later.
+                    if run.window.is_empty() {
+                        self.outage(
+                            run,
+                            shutdown,
+                            mode,
+                            Down::Database,
+                            "cannot claim rows from the database",
+                            err,
+                        )
+                        .await?;
+                        continue;
+                    }
+                    if run.database_down.is_none() {
+                        warn!(relay = %self.name, error = %report(&err), "cannot claim rows from the database; finishing what is in flight");
+                        run.database_down = Some(Instant::now());
+                    }
+                }
                 Err(err) if err.is_transient() => {
-                    let what = if matches!(err, Error::Database(_)) {
-                        "cannot claim rows from the database"
-                    } else {
-                        "publishing failed; will reconnect"
-                    };
-                    self.release_in_flight(state).await;
-                    state.broker = None;
-                    self.outage(state, shutdown, what, &err).await?;
+                    self.give_back_everything(run).await;
+                    run.publisher = None;
+                    self.outage(
+                        run,
+                        shutdown,
+                        mode,
+                        Down::Broker,
+                        "publishing failed; will reconnect",
+                        err,
+                    )
+                    .await?;
                     continue;
                 }
                 Err(err) => return Err(err),
             }
 
-            // Collect the oldest batch's confirms and mark it, and meanwhile
-            // claim the next batch so it is ready when the window has room.
-            if let Some(batch) = state.in_flight.pop_front() {
-                state.in_flight_messages -= batch.rows.len();
-                let claim_ahead = state.ahead.is_none()
-                    && state.backlog_left
-                    && !shutdown.is_triggered()
-                    && self.store.backend() != sea_orm::DbBackend::MySql;
-                let (collected, ahead) = tokio::join!(
-                    collect(batch.confirms, &mut state.returns, &mut state.in_flight),
-                    async {
-                        if claim_ahead {
-                            self.claim().await.map(Some)
-                        } else {
-                            Ok(None)
-                        }
-                    }
-                );
-                match ahead {
-                    Ok(Some(rows)) if !rows.is_empty() => state.ahead = Some(rows),
-                    Ok(_) => {}
-                    Err(err) => {
-                        warn!(relay = %self.name, error = %report(&err), "claiming ahead failed")
-                    }
+            if run.window.is_empty() {
+                run.finish_marking().await;
+                if run.database_down.is_some() {
+                    continue;
                 }
-                match collected {
-                    Ok(outcomes) => {
-                        state.backoff.reset();
-                        let outcomes = merge_outcomes(&batch.prepared, outcomes);
-                        // One mark at a time: what a crash can resend stays bounded by
-                        // the window plus one batch.
-                        state.finish_marking().await;
-                        let marking = self.spawn_mark(batch.rows, outcomes, &mut state.report);
-                        state.marking.push(marking);
-                    }
-                    Err(err) => {
-                        // Not the messages' fault: give them back without counting an attempt.
-                        self.release(&batch.rows).await;
-                        self.release_in_flight(state).await;
-                        state.broker = None;
-                        self.outage(state, shutdown, "publishing failed; will reconnect", &err)
-                            .await?;
-                    }
+                if self.due_now(run).await {
+                    continue;
                 }
-                self.retention.maybe_spawn(&self.db, Table::Published).await;
+                if mode == Mode::UntilEmpty {
+                    if self.until_empty_done(run, shutdown).await? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                self.idle(shutdown, wake).await;
+                run.backlog_left = true;
                 continue;
             }
 
-            // Nothing in flight and nothing claimable. Marking may have made
-            // failed rows due again (attempts 1 and 2 retry at once).
-            if !state.marking.is_empty() {
-                state.finish_marking().await;
-                continue;
-            }
-            if mode == Mode::UntilEmpty {
-                return Ok(());
-            }
-            self.idle(shutdown, wake).await;
+            self.collect(run, mode).await?;
+            self.retention.maybe_spawn(&self.db, Table::Published).await;
         }
     }
 
-    /// Claim and send batches until the window is full or nothing is due.
-    async fn fill_window(&self, state: &mut State, shutdown: &Shutdown) -> Result<()> {
-        // At least two batches, so one is always on the wire while the next is claimed.
-        let batch_size = self.settings.relay.batch_size as usize;
-        let window = (self.settings.relay.max_in_flight as usize).max(2 * batch_size);
-        while state.in_flight_messages < window && !shutdown.is_triggered() {
-            let rows = match state.ahead.take() {
-                Some(rows) => rows,
+    /// Claim and publish until the window is full or nothing is due.
+    async fn fill_window(&self, run: &mut Run, shutdown: &Shutdown) -> Result<()> {
+        while run.backlog_left && !shutdown.is_triggered() {
+            let Some(limit) = run.room(&self.settings) else {
+                return Ok(());
+            };
+            let claim = match run.ahead.take() {
+                Some(claim) => claim,
                 None => {
-                    if self.store.backend() == sea_orm::DbBackend::MySql {
+                    if self.store.backend() == DbBackend::MySql {
                         // InnoDB's SKIP LOCKED may pass over rows next to ones being
                         // marked; let marks finish so the claim keeps creation order.
-                        state.finish_marking().await;
+                        run.finish_marking().await;
                     }
-                    self.claim().await?
+                    let claim = self.claim(limit).await?;
+                    if run.database_down.take().is_some() {
+                        info!(relay = %self.name, "database reachable again");
+                    }
+                    claim
                 }
             };
-            let full = rows.len() >= batch_size;
-            state.backlog_left = full;
-            if rows.is_empty() {
-                return Ok(());
-            }
-            let prepared = prepare(&rows);
-            let outgoing: Vec<Outgoing<'_>> = prepared
-                .iter()
-                .filter_map(|p| p.as_ref().ok())
-                .map(|p| Outgoing {
-                    destination: &p.destination,
-                    body: &p.body,
-                    headers: &p.headers,
-                })
-                .collect();
-            let Some(broker) = state.broker.as_mut() else {
-                self.release(&rows).await;
-                return Ok(());
-            };
-            let confirms = match broker.start_publish(&outgoing).await {
-                Ok(confirms) => confirms,
-                Err(err) => {
-                    drop(outgoing);
-                    self.release(&rows).await;
-                    return Err(err);
-                }
-            };
-            drop(outgoing);
-            state.in_flight_messages += rows.len();
-            state.in_flight.push_back(Batch {
-                rows,
-                prepared,
-                confirms,
-            });
+            let full = claim.len() >= limit as usize;
             if !full {
-                // The backlog is drained for now; collect what is in flight.
+                run.backlog_left = false;
+            }
+            if claim.is_empty() {
                 return Ok(());
             }
+            self.send(run, claim).await?;
         }
         Ok(())
     }
 
-    /// Give back every batch still waiting for confirms.
-    async fn release_in_flight(&self, state: &mut State) {
-        if let Some(rows) = state.ahead.take() {
-            self.release(&rows).await;
+    /// Admit a claim to the window and hand its rows to the transport.
+    async fn send(&self, run: &mut Run, claim: Claim) -> Result<()> {
+        let trusted_json = self.store.backend() == DbBackend::Postgres;
+        let mut envelopes: Vec<Envelope> = Vec::with_capacity(claim.rows.len());
+        let mut refused = Vec::new();
+        for row in &claim.rows {
+            let flight = Flight {
+                token: claim.token,
+                retry: row.retry,
+                added: row.added,
+                destination: row.destination.clone(),
+                bytes: row.body.len() + row.headers.len(),
+            };
+            if !run.window.admit(row.id, flight, claim.lease_until) {
+                debug!(id = %row.id, "claimed again while in flight; not sent twice");
+                continue;
+            }
+            match envelope::envelope(row, trusted_json) {
+                Ok(envelope) => envelopes.push(envelope),
+                Err(reason) => refused.push((row.id, Outcome::Invalid(reason))),
+            }
         }
-        while let Some(batch) = state.in_flight.pop_front() {
-            self.release(&batch.rows).await;
+        for bad in &claim.bad {
+            error!(id = %bad.shown, error = %bad.reason, "outbox row cannot be read; marked FAILED");
+            let store = self.store.clone();
+            let (token, bad, now) = (claim.token, bad.clone(), self.clock.now());
+            if let Err(err) = store.mark_unreadable(token, &bad, now).await {
+                warn!(id = %bad.shown, error = %report(&err), "could not mark an unreadable row FAILED");
+            }
+            run.report.failed += 1;
+            Metrics::add(&self.metrics.failed, 1);
         }
-        state.in_flight_messages = 0;
-        state.returns = Returns::default();
+        if !refused.is_empty() {
+            let marks = run
+                .window
+                .settle(refused, &self.settings.relay, self.clock.now());
+            self.record(run, marks).await;
+        }
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        let publisher = run.publisher.as_mut().ok_or(Error::BrokerTimeout {
+            operation: "publish (not connected)",
+            timeout: self.settings.broker.operation_timeout,
+        })?;
+        publisher.publish(envelopes).await
     }
 
-    /// On the way out: wait for the confirms of what was sent and mark it.
-    async fn drain_in_flight(&self, state: &mut State) {
-        while let Some(batch) = state.in_flight.pop_front() {
-            match collect(batch.confirms, &mut state.returns, &mut state.in_flight).await {
-                Ok(outcomes) => {
-                    let outcomes = merge_outcomes(&batch.prepared, outcomes);
-                    let marking = self.spawn_mark(batch.rows, outcomes, &mut state.report);
-                    state.marking.push(marking);
+    /// Wait for outcomes (claiming the next batch meanwhile), then mark them.
+    async fn collect(&self, run: &mut Run, mode: Mode) -> Result<()> {
+        let claim_ahead = run.ahead.is_none()
+            && run.backlog_left
+            && run.database_down.is_none()
+            && self.store.backend() != DbBackend::MySql;
+        let limit = self.settings.relay.batch_size;
+        // Wake in time to renew leases while confirms are slow.
+        let renew_in = run
+            .window
+            .next_lease_end()
+            .map(|end| (end - self.clock.now()).to_std().unwrap_or_default() / 2)
+            .unwrap_or(self.settings.broker.operation_timeout)
+            .max(Duration::from_millis(10));
+        let Some(publisher) = run.publisher.as_mut() else {
+            return Ok(());
+        };
+        let (outcomes, ahead) = tokio::join!(
+            tokio::time::timeout(renew_in, publisher.outcomes()),
+            async {
+                if claim_ahead {
+                    Some(self.claim(limit).await)
+                } else {
+                    None
+                }
+            }
+        );
+        match ahead {
+            Some(Ok(claim)) if !claim.is_empty() => run.ahead = Some(claim),
+            Some(Ok(_)) => run.backlog_left = false,
+            Some(Err(err)) => {
+                warn!(relay = %self.name, error = %report(&err), "claiming ahead failed")
+            }
+            None => {}
+        }
+        match outcomes {
+            // Nothing arrived in time: renew, then wait again.
+            Err(_) => Ok(()),
+            Ok(Ok(outcomes)) => {
+                if !outcomes.is_empty() {
+                    let marks = run
+                        .window
+                        .settle(outcomes, &self.settings.relay, self.clock.now());
+                    self.record(run, marks).await;
+                }
+                Ok(())
+            }
+            Ok(Err(err)) if err.is_transient() => {
+                self.give_back_everything(run).await;
+                run.publisher = None;
+                warn!(relay = %self.name, error = %report(&err), "broker connection lost; the rows in flight go back, no attempts are counted");
+                if mode == Mode::UntilEmpty {
+                    run.broker_down.get_or_insert_with(Instant::now);
+                }
+                Ok(())
+            }
+            Ok(Err(err)) => Err(err),
+        }
+    }
+
+    /// Count, log and write the marks of one round (one mark at a time, so
+    /// what a crash can send twice stays bounded by `max_in_flight`).
+    async fn record(&self, run: &mut Run, marks: Marks) {
+        if marks.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let sent = marks.sent_added.len() as u64;
+        for added in &marks.sent_added {
+            let latency = (now - *added).to_std().unwrap_or_default();
+            self.metrics.publish_latency.observe(latency);
+        }
+        run.report.published += sent;
+        Metrics::add(&self.metrics.published, sent);
+        run.report.retried += marks.retrying.len() as u64;
+        Metrics::add(&self.metrics.retried, marks.retrying.len() as u64);
+        run.report.failed += marks.gave_up.len() as u64;
+        Metrics::add(&self.metrics.failed, marks.gave_up.len() as u64);
+        // One warning per distinct reason and round: an unbound destination
+        // can fail a whole batch, and a line per message would drown the log.
+        let mut reasons: std::collections::BTreeMap<&str, (u64, Uuid)> = Default::default();
+        for (id, destination, attempt, reason) in &marks.retrying {
+            debug!(%id, %destination, attempt, error = %reason, "publish attempt failed; will retry");
+            reasons.entry(reason.as_str()).or_insert((0, *id)).0 += 1;
+        }
+        for (reason, (count, example)) in reasons {
+            warn!(messages = count, example_id = %example, error = %reason, "publish attempts failed; will retry on schedule");
+        }
+        for (id, destination, attempts, reason) in &marks.gave_up {
+            error!(%id, %destination, attempts, error = %reason, "message FAILED after its last attempt; see `outbox-cli failed`");
+        }
+        run.finish_marking().await;
+        run.marking_rows = marks.rows();
+        let store = self.store.clone();
+        let name = self.name.clone();
+        let deadline = self.clock.now()
+            + chrono::Duration::from_std(self.settings.relay.claim_lease).unwrap_or_default();
+        let clock = self.clock.clone();
+        run.marking = Some(tokio::spawn(async move {
+            write_marks(&store, &name, marks, &clock, deadline).await;
+        }));
+    }
+
+    /// Give every row in flight back (the connection is gone).
+    async fn give_back_everything(&self, run: &mut Run) {
+        let by_claim = run.window.take_all();
+        run.finish_marking().await;
+        for (token, ids) in by_claim {
+            self.release(token, &ids).await;
+        }
+        if let Some(claim) = run.ahead.take() {
+            let ids: Vec<Uuid> = claim.rows.iter().map(|r| r.id).collect();
+            self.release(claim.token, &ids).await;
+        }
+    }
+
+    /// On the way out: collect what the broker still answers (within the
+    /// operation timeout), mark it, give back the rest.
+    async fn wind_down(&self, run: &mut Run) {
+        let deadline = tokio::time::Instant::now() + self.settings.broker.operation_timeout;
+        while !run.window.is_empty() && tokio::time::Instant::now() < deadline {
+            let Some(publisher) = run.publisher.as_mut() else {
+                break;
+            };
+            match tokio::time::timeout_at(deadline, publisher.outcomes()).await {
+                Ok(Ok(outcomes)) if !outcomes.is_empty() => {
+                    let marks = run
+                        .window
+                        .settle(outcomes, &self.settings.relay, self.clock.now());
+                    self.record(run, marks).await;
+                }
+                Ok(Ok(_)) => break,
+                Ok(Err(err)) => {
+                    warn!(relay = %self.name, error = %report(&err), rows = run.window.len(), "confirms lost while stopping; the rows will be sent again");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.give_back_everything(run).await;
+        run.finish_marking().await;
+        if let Some(publisher) = run.publisher.take() {
+            publisher.close().await;
+        }
+    }
+
+    async fn claim(&self, limit: u32) -> Result<Claim> {
+        let now = self.clock.now();
+        let lease = chrono::Duration::from_std(self.settings.relay.claim_lease)
+            .unwrap_or(chrono::Duration::seconds(60));
+        self.store.claim(limit, now, now + lease).await
+    }
+
+    async fn release(&self, token: Uuid, ids: &[Uuid]) {
+        if let Err(err) = self.store.release(token, ids).await {
+            // The lease ends by itself; the rows are not lost.
+            warn!(relay = %self.name, rows = ids.len(), error = %report(&err), "could not give claimed rows back; they are retried when the claim lease ends");
+        }
+    }
+
+    /// Extend the leases of claims that are half over while their rows are
+    /// still in flight (slow confirms).
+    async fn renew_leases(&self, run: &mut Run) {
+        let lease = chrono::Duration::from_std(self.settings.relay.claim_lease)
+            .unwrap_or(chrono::Duration::seconds(60));
+        let now = self.clock.now();
+        let expiring = run.window.expiring(now + lease / 2);
+        for (token, ids) in expiring {
+            let until = now + lease;
+            match self.store.renew(token, &ids, until).await {
+                Ok(renewed) => {
+                    run.window.renewed(token, until);
+                    debug!(rows = ids.len(), renewed, "claim lease renewed");
                 }
                 Err(err) => {
-                    warn!(relay = %self.name, error = %report(&err), rows = batch.rows.len(), "confirms lost while stopping; the rows will be sent again");
-                    self.release(&batch.rows).await;
+                    warn!(relay = %self.name, error = %report(&err), "could not renew a claim lease")
                 }
             }
         }
-        state.in_flight_messages = 0;
     }
 
-    async fn claim(&self) -> Result<Vec<ClaimedRow>> {
-        let now = Utc::now();
-        let lease = chrono::Duration::from_std(self.settings.relay.claim_lease)
-            .unwrap_or(chrono::Duration::seconds(60));
-        self.store
-            .claim(self.settings.relay.batch_size, now, now + lease)
-            .await
-    }
-
-    async fn release(&self, rows: &[ClaimedRow]) {
-        let ids: Vec<_> = rows.iter().map(|r| r.id).collect();
-        if let Err(err) = self.store.release(&ids).await {
-            // The lease expires by itself; the rows are not lost.
-            warn!(relay = %self.name, rows = ids.len(), error = %report(&err), "could not release claimed rows; they are retried when the claim lease ends");
-        }
-    }
-
-    /// Log an outage and wait out the backoff (or the shutdown).
+    /// Log an outage and wait out the backoff (or the shutdown). In
+    /// until-empty mode, an outage longer than `operation_timeout` ends the run.
     async fn outage(
         &self,
-        state: &mut State,
+        run: &mut Run,
         shutdown: &mut Shutdown,
+        mode: Mode,
+        down: Down,
         what: &str,
-        err: &Error,
+        err: Error,
     ) -> Result<()> {
-        let delay = state.backoff.next_delay();
+        if !err.is_transient() {
+            return Err(err);
+        }
+        let since = match down {
+            Down::Broker => *run.broker_down.get_or_insert_with(Instant::now),
+            Down::Database => *run.database_down.get_or_insert_with(Instant::now),
+        };
+        if mode == Mode::UntilEmpty && since.elapsed() >= self.settings.broker.operation_timeout {
+            error!(relay = %self.name, error = %report(&err), "{what}; giving up (--until-empty does not wait out outages longer than broker.operation_timeout)");
+            return Err(err);
+        }
+        let delay = run.backoff.next_delay();
         warn!(
             relay = %self.name,
-            error = %report(err),
+            error = %report(&err),
             retry_in = ?delay,
-            failures = state.backoff.failures(),
+            failures = run.backoff.failures(),
             "{what}; no attempts are counted against messages"
         );
         tokio::select! {
@@ -359,14 +578,74 @@ impl Relay {
         Ok(())
     }
 
+    /// Whether rows are due now (after marks made failed rows due again).
+    async fn due_now(&self, run: &mut Run) -> bool {
+        match self.store.backlog(self.clock.now()).await {
+            Ok(backlog) if backlog.due > 0 => {
+                run.backlog_left = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Nothing is due: `true` when done, unless rows are held by another
+    /// relay (wait up to `claim_lease` for them, then `false` to send them)
+    /// or wait for a later attempt (counted in `unsent`).
+    async fn until_empty_done(&self, run: &mut Run, shutdown: &mut Shutdown) -> Result<bool> {
+        let started = Instant::now();
+        loop {
+            let backlog = self.store.backlog(self.clock.now()).await?;
+            if backlog.due > 0 {
+                run.backlog_left = true;
+                return Ok(false);
+            }
+            if backlog.leased > 0 && started.elapsed() < self.settings.relay.claim_lease {
+                if run.waiting_for_leases.is_none() {
+                    info!(relay = %self.name, rows = backlog.leased, until = ?backlog.next_lease_end, "rows are held by another relay's claim; waiting for it to finish or its lease to end");
+                    run.waiting_for_leases = Some(Instant::now());
+                }
+                let wait = backlog
+                    .next_lease_end
+                    .map(|end| (end - self.clock.now()).to_std().unwrap_or_default())
+                    .unwrap_or(self.settings.relay.waiting_time)
+                    .clamp(Duration::from_millis(10), self.settings.relay.waiting_time);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = shutdown.wait() => return Ok(true),
+                }
+                continue;
+            }
+            run.report.unsent = backlog.pending;
+            if backlog.pending > 0 {
+                self.report_unsent(&backlog);
+            }
+            return Ok(true);
+        }
+    }
+
+    fn report_unsent(&self, backlog: &Backlog) {
+        let scheduled = backlog.pending - backlog.leased;
+        warn!(
+            relay = %self.name,
+            scheduled_later = scheduled,
+            held_by_another_relay = backlog.leased,
+            next_attempt = ?backlog.next_due,
+            "rows left unsent: they wait for a later attempt (see `outbox-cli status`) or another relay still holds them"
+        );
+    }
+
     /// Sleep until woken by NOTIFY, the next retry falls due, `waiting_time` passes, or shutdown.
     async fn idle(&self, shutdown: &mut Shutdown, wake: &Notify) {
         let mut wait = self.settings.relay.waiting_time;
-        if let Ok(backlog) = self.store.backlog().await
-            && let Some(next_due) = backlog.next_due
-        {
-            let until = (next_due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-            wait = wait.min(until.max(Duration::from_millis(1)));
+        if let Ok(backlog) = self.store.backlog(self.clock.now()).await {
+            for at in [backlog.next_due, backlog.next_lease_end]
+                .into_iter()
+                .flatten()
+            {
+                let until = (at - self.clock.now()).to_std().unwrap_or(Duration::ZERO);
+                wait = wait.min(until.max(Duration::from_millis(1)));
+            }
         }
         tokio::select! {
             () = wake.notified() => debug!("woken by NOTIFY"),
@@ -375,102 +654,19 @@ impl Relay {
         }
     }
 
-    fn spawn_mark(
-        &self,
-        batch: Vec<ClaimedRow>,
-        outcomes: Vec<Outcome>,
-        totals: &mut RelayReport,
-    ) -> JoinHandle<()> {
-        let mut sent = Vec::with_capacity(batch.len());
-        let mut failures = Vec::new();
-        let now = Utc::now();
-        for (row, outcome) in batch.into_iter().zip(outcomes) {
-            match outcome {
-                Outcome::Confirmed => sent.push(row),
-                Outcome::Returned(reason)
-                    if self.settings.relay.unroutable == Unroutable::Accept =>
-                {
-                    warn!(id = %row.id, destination = %row.destination, "{reason}; marked sent (relay.unroutable = accept)");
-                    sent.push(row);
-                }
-                Outcome::Returned(reason) | Outcome::Rejected(reason) => {
-                    failures.push((row, reason))
-                }
-            }
-        }
-        for row in &sent {
-            let latency = (now - row.added).to_std().unwrap_or_default();
-            self.metrics.publish_latency.observe(latency);
-        }
-        totals.published += sent.len() as u64;
-        Metrics::add(&self.metrics.published, sent.len() as u64);
-        let mut scheduled = Vec::with_capacity(failures.len());
-        // One warning per distinct reason and batch: an unbound destination
-        // can fail a whole batch, and a line per message would drown the log.
-        let mut retrying: BTreeMap<&str, (u64, Uuid)> = BTreeMap::new();
-        for (row, reason) in &failures {
-            let failures_so_far = u32::try_from(row.retry).unwrap_or(0).saturating_add(1);
-            let next = next_attempt_after(failures_so_far, &self.settings.relay)
-                .map(|wait| now + chrono::Duration::from_std(wait).unwrap_or_default());
-            if next.is_some() {
-                totals.retried += 1;
-                Metrics::add(&self.metrics.retried, 1);
-                debug!(id = %row.id, destination = %row.destination, attempt = failures_so_far, error = %reason, "publish attempt failed; will retry");
-                retrying.entry(reason.as_str()).or_insert((0, row.id)).0 += 1;
-            } else {
-                totals.failed += 1;
-                Metrics::add(&self.metrics.failed, 1);
-                error!(id = %row.id, destination = %row.destination, attempts = failures_so_far, error = %reason, "message FAILED after the last attempt; see `outbox-cli failed`");
-            }
-            scheduled.push((row.id, failures_so_far, next, reason.clone()));
-        }
-        for (reason, (count, example)) in retrying {
-            warn!(messages = count, example_id = %example, error = %reason, "publish attempts failed; will retry on schedule");
-        }
-        let store = self.store.clone();
-        let name = self.name.clone();
-        tokio::spawn(async move {
-            let ids: Vec<_> = sent.iter().map(|r| r.id).collect();
-            let mut pause = Duration::from_millis(100);
-            // A database blip must not resend a whole confirmed batch: retry the mark.
-            for attempt in 1.. {
-                match store.mark_sent(&ids).await {
-                    Ok(()) => break,
-                    Err(err) if attempt < 20 => {
-                        warn!(relay = %name, rows = ids.len(), error = %report(&err), "marking sent rows failed; retrying");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                    }
-                    Err(err) => {
-                        error!(relay = %name, rows = ids.len(), error = %report(&err), "could not mark rows sent; they will be sent again after the claim lease (consumers deduplicate)");
-                        break;
-                    }
-                }
-            }
-            for (id, retry, next, reason) in scheduled {
-                if let Err(err) = store
-                    .mark_failed(id, i32::try_from(retry).unwrap_or(i32::MAX), next, &reason)
-                    .await
-                {
-                    warn!(relay = %name, %id, error = %report(&err), "could not record a failed attempt");
-                }
-            }
-        })
-    }
-
-    async fn log_progress(&self, state: &mut State) {
-        if state.last_progress.elapsed() < self.settings.relay.progress_interval {
+    async fn log_progress(&self, run: &mut Run) {
+        if run.last_progress.elapsed() < self.settings.relay.progress_interval {
             return;
         }
-        let elapsed = state.last_progress.elapsed().as_secs_f64();
-        let published = state.report.published - state.published_at_last_progress;
-        state.last_progress = Instant::now();
-        state.published_at_last_progress = state.report.published;
-        match self.store.backlog().await {
+        let elapsed = run.last_progress.elapsed().as_secs_f64();
+        let published = run.report.published - run.published_at_last_progress;
+        run.last_progress = Instant::now();
+        run.published_at_last_progress = run.report.published;
+        match self.store.backlog(self.clock.now()).await {
             Ok(backlog) => {
                 let oldest_age = backlog
                     .oldest
-                    .map(|oldest| (Utc::now() - oldest).to_std().unwrap_or_default());
+                    .map(|oldest| (self.clock.now() - oldest).to_std().unwrap_or_default());
                 self.metrics
                     .backlog
                     .store(backlog.pending, std::sync::atomic::Ordering::Relaxed);
@@ -481,8 +677,9 @@ impl Relay {
                 info!(
                     relay = %self.name,
                     rate = format!("{:.0}/s", published as f64 / elapsed),
-                    published_total = state.report.published,
+                    published_total = run.report.published,
                     backlog = backlog.pending,
+                    in_flight = run.window.len(),
                     oldest_pending = ?oldest_age.map(|d| Duration::from_millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))),
                     "relay progress"
                 );
@@ -492,7 +689,7 @@ impl Relay {
     }
 
     fn spawn_listener(&self, wake: &Arc<Notify>) -> Option<JoinHandle<()>> {
-        if !self.settings.relay.listen || self.store.backend() != sea_orm::DbBackend::Postgres {
+        if !self.settings.relay.listen || self.store.backend() != DbBackend::Postgres {
             return None;
         }
         let url = self.settings.database.url.clone()?;
@@ -504,123 +701,144 @@ impl Relay {
     }
 }
 
+/// Write one round of marks, each retried through database blips until the
+/// claim's lease ends (after that the row is someone else's to send).
+async fn write_marks(
+    store: &Store,
+    name: &str,
+    marks: Marks,
+    clock: &Clock,
+    deadline: DateTime<Utc>,
+) {
+    let now = clock.now();
+    for (token, ids) in &marks.sent {
+        let written = retry(name, "mark rows sent", clock, deadline, || {
+            store.mark_sent(*token, ids, now)
+        })
+        .await;
+        if let Some(marked) = written
+            && marked < ids.len() as u64
+        {
+            warn!(relay = %name, rows = ids.len() as u64 - marked, "confirmed rows were claimed by another relay after their lease ended; it sends them again (consumers deduplicate)");
+        }
+    }
+    for (token, failures) in &marks.failed {
+        retry(name, "record failed attempts", clock, deadline, || {
+            store.mark_failed(*token, failures, now)
+        })
+        .await;
+    }
+    for (token, ids) in &marks.released {
+        retry(name, "give rows back", clock, deadline, || {
+            store.release(*token, ids)
+        })
+        .await;
+    }
+}
+
+async fn retry<F, Fut>(
+    name: &str,
+    what: &str,
+    clock: &Clock,
+    deadline: DateTime<Utc>,
+    mut write: F,
+) -> Option<u64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Ok(rows) => return Some(rows),
+            Err(err)
+                if clock.now() + chrono::Duration::from_std(pause).unwrap_or_default()
+                    < deadline =>
+            {
+                warn!(relay = %name, error = %report(&err), "could not {what}; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => {
+                error!(relay = %name, error = %report(&err), "could not {what} before the claim lease ended; the rows are sent again (consumers deduplicate)");
+                return None;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Down {
+    Broker,
+    Database,
+}
+
 /// Loop state that survives iterations.
-struct State {
-    broker: Option<Broker>,
-    /// Batches sent, oldest first, waiting for their confirms.
-    in_flight: VecDeque<Batch>,
-    in_flight_messages: usize,
-    /// Marks of confirmed batches, running in the background.
-    marking: Vec<JoinHandle<()>>,
-    /// Returned message ids not yet matched to their batch.
-    returns: Returns,
-    /// A batch claimed while the previous one was being confirmed.
-    ahead: Option<Vec<ClaimedRow>>,
+struct Run {
+    publisher: Option<AnyPublisher>,
+    window: Window,
+    /// A claim made while the window waited for outcomes.
+    ahead: Option<Claim>,
+    /// The marks being written, and how many rows they cover.
+    marking: Option<JoinHandle<()>>,
+    marking_rows: usize,
     /// Whether the last claim was full, i.e. more is probably due.
     backlog_left: bool,
     backoff: Backoff,
+    broker_down: Option<Instant>,
+    database_down: Option<Instant>,
+    waiting_for_leases: Option<Instant>,
     report: RelayReport,
     last_progress: Instant,
     published_at_last_progress: u64,
 }
 
-/// One claimed batch on the wire.
-struct Batch {
-    rows: Vec<ClaimedRow>,
-    prepared: Vec<std::result::Result<Prepared, String>>,
-    confirms: InFlight,
-}
-
-impl State {
-    fn new(maximum_backoff: Duration) -> Self {
-        State {
-            broker: None,
-            in_flight: VecDeque::new(),
-            in_flight_messages: 0,
-            marking: Vec::new(),
-            returns: Returns::default(),
+impl Run {
+    fn new(settings: &Settings) -> Run {
+        Run {
+            publisher: None,
+            window: Window::default(),
             ahead: None,
-            backlog_left: false,
-            backoff: Backoff::new(maximum_backoff),
+            marking: None,
+            marking_rows: 0,
+            backlog_left: true,
+            backoff: Backoff::new(settings.broker.maximum_backoff),
+            broker_down: None,
+            database_down: None,
+            waiting_for_leases: None,
             report: RelayReport::default(),
             last_progress: Instant::now(),
             published_at_last_progress: 0,
         }
     }
 
-    async fn finish_marking(&mut self) {
-        for marking in self.marking.drain(..) {
-            if let Err(err) = marking.await {
-                error!(error = %err, "marking task failed");
-            }
+    /// How many rows the next claim may take: what keeps rows sent and not
+    /// yet marked under `max_in_flight`, and bodies in flight under
+    /// `max_in_flight_bytes` (estimated from the rows in flight).
+    fn room(&self, settings: &Settings) -> Option<u32> {
+        let relay = &settings.relay;
+        let busy = self.window.len() + self.marking_rows;
+        let count_room = (relay.max_in_flight as usize).saturating_sub(busy);
+        let bytes = self.window.bytes();
+        if bytes >= relay.max_in_flight_bytes {
+            return None;
         }
+        let byte_room = if self.window.is_empty() {
+            usize::MAX
+        } else {
+            let average = (bytes / self.window.len()).max(1);
+            ((relay.max_in_flight_bytes - bytes) / average).max(1)
+        };
+        let room = count_room.min(byte_room).min(relay.batch_size as usize);
+        u32::try_from(room).ok().filter(|room| *room > 0)
     }
-}
 
-/// Wait for a batch's confirms; returns riding on later batches' confirms
-/// are picked up too (see [`InFlight`]).
-async fn collect(
-    mut confirms: InFlight,
-    returns: &mut Returns,
-    later: &mut VecDeque<Batch>,
-) -> Result<Vec<Outcome>> {
-    confirms.wait(returns).await?;
-    for batch in later {
-        batch.confirms.harvest(returns);
+    async fn finish_marking(&mut self) {
+        if let Some(marking) = self.marking.take()
+            && let Err(err) = marking.await
+        {
+            error!(error = %err, "marking task failed");
+        }
+        self.marking_rows = 0;
     }
-    Ok(confirms.finish(returns))
-}
-
-/// A claimed row ready for the wire, or why it can never be sent.
-struct Prepared {
-    destination: Destination,
-    body: Vec<u8>,
-    headers: BTreeMap<String, String>,
-}
-
-fn prepare(rows: &[ClaimedRow]) -> Vec<std::result::Result<Prepared, String>> {
-    rows.iter()
-        .map(|row| {
-            let destination = Destination::parse(&row.destination).map_err(|err| report(&err))?;
-            let body = serde_json::to_vec(&row.body)
-                .map_err(|err| format!("body is not serializable: {err}"))?;
-            let headers = row
-                .headers
-                .as_object()
-                .map(|map| {
-                    map.iter()
-                        .map(|(k, v)| {
-                            let value = match v {
-                                serde_json::Value::String(s) => s.clone(),
-                                other => other.to_string(),
-                            };
-                            (k.clone(), value)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(Prepared {
-                destination,
-                body,
-                headers,
-            })
-        })
-        .collect()
-}
-
-/// Put the broker's outcomes back next to rows that were never sent.
-fn merge_outcomes(
-    prepared: &[std::result::Result<Prepared, String>],
-    outcomes: Vec<Outcome>,
-) -> Vec<Outcome> {
-    let mut outcomes = outcomes.into_iter();
-    prepared
-        .iter()
-        .map(|p| match p {
-            Ok(_) => outcomes
-                .next()
-                .unwrap_or(Outcome::Rejected("no confirm received".to_owned())),
-            Err(reason) => Outcome::Rejected(reason.clone()),
-        })
-        .collect()
 }
