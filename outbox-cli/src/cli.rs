@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Transactional outbox for SeaORM and RabbitMQ, wire-compatible with django-outbox-pattern.
 #[derive(Debug, Parser)]
-#[command(name = "outbox-cli", version, about)]
+#[command(name = "outbox-cli", version, about, after_help = ENVIRONMENT)]
 pub struct Cli {
     /// Settings file (TOML). Default: $OUTBOX_CONFIG, else ./outbox.toml when present.
     #[arg(long, global = true, value_name = "PATH")]
@@ -20,6 +20,14 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
+
+const ENVIRONMENT: &str = "\
+Environment:
+  DATABASE_URL             postgres://, mysql:// or sqlite:// (database.url)
+  AMQP_URL                 amqp://user:password@host:5672/vhost (broker.url)
+  OUTBOX_CONFIG            settings file, instead of ./outbox.toml
+  OUTBOX_<SECTION>_<KEY>   any setting, e.g. OUTBOX_RELAY_BATCH_SIZE=500
+  RUST_LOG                 log filter (default: info,sqlx=warn,lapin=off)";
 
 /// Everything `outbox-cli` does.
 #[derive(Debug, Subcommand)]

@@ -61,6 +61,16 @@ where
 /// Run one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = outbox_core::Settings::load(cli.config.as_deref())?;
+    for (name, near) in outbox_core::Settings::unknown_environment() {
+        match near {
+            Some(near) => tracing::warn!(
+                "environment variable {name} names no setting and is ignored; did you mean {near}?"
+            ),
+            None => tracing::warn!(
+                "environment variable {name} names no setting and is ignored (`outbox-cli --help` lists them)"
+            ),
+        }
+    }
     match cli.command {
         Command::Migrate => commands::migrate(&settings).await,
         Command::Publish(args) => commands::publish(settings, args).await,
@@ -74,7 +84,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+        // lapin logs returned messages in full (bodies included) and its own
+        // view of channel closes we handle; our own lines report both.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -43,9 +43,10 @@ impl Shutdown {
         }
     }
 
-    /// Whether a stop was asked for.
+    /// Whether a stop was asked for, or the trigger is gone (nobody can ask
+    /// any more: stop rather than run unattended).
     pub fn is_triggered(&self) -> bool {
-        *self.stop.borrow()
+        *self.stop.borrow() || self.stop.has_changed().is_err()
     }
 
     /// Resolves once a stop is asked for.

@@ -124,9 +124,16 @@ impl TestDb {
 pub async fn connect(url: &str) -> DatabaseConnection {
     let mut options = ConnectOptions::new(url.to_owned());
     options.max_connections(10).sqlx_logging(false);
-    Database::connect(options)
+    let db = Database::connect(options)
         .await
-        .expect("connect to test database")
+        .expect("connect to test database");
+    if db.get_database_backend() == DbBackend::Sqlite {
+        // As `outbox_core::connect` does: readers do not block the writer.
+        db.execute_unprepared("PRAGMA journal_mode=WAL")
+            .await
+            .expect("WAL mode");
+    }
+    db
 }
 
 fn replace_db(url: &str, name: &str) -> String {

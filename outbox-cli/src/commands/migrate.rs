@@ -6,6 +6,15 @@ pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let db = outbox_core::connect(settings)
         .await
         .context("cannot connect to the database")?;
-    outbox_core::migrate(&db).await?;
+    let migration = outbox_core::migrate(&db).await?;
+    if !migration.created.is_empty() {
+        println!("created tables: {}", migration.created.join(", "));
+    }
+    if !migration.added.is_empty() {
+        println!("added columns: {}", migration.added.join(", "));
+    }
+    if migration.created.is_empty() && migration.added.is_empty() {
+        println!("outbox tables are up to date");
+    }
     Ok(())
 }

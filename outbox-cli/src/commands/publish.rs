@@ -40,7 +40,15 @@ pub(crate) async fn publish(settings: Settings, args: PublishArgs) -> anyhow::Re
         published = report.published,
         retried = report.retried,
         failed = report.failed,
+        unsent = report.unsent,
         "done"
     );
+    if report.unsent > 0 {
+        anyhow::bail!(
+            "{} row(s) left unsent: they wait for a later attempt or another relay holds them \
+             (see `outbox-cli status` and `outbox-cli failed list`)",
+            report.unsent
+        );
+    }
     Ok(())
 }

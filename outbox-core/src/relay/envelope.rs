@@ -43,6 +43,10 @@ pub(crate) fn envelope(row: &ClaimedRow, trusted_json: bool) -> Result<Envelope,
             ));
         }
     };
+    // The limits a `Message` is held to when written, for rows written by SQL.
+    for (name, value) in &map {
+        headers::check(name, value).map_err(|err| report(&err))?;
+    }
     let id = row.id.hyphenated().to_string();
     map.insert(headers::MSG_ID.to_owned(), id.clone());
     map.entry(headers::MSG_DESTINATION.to_owned())

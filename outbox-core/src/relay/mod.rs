@@ -256,8 +256,10 @@ impl Relay {
             }
 
             if run.window.is_empty() {
+                // Marks count against the window: once written, there may be
+                // room for a claim made ahead.
                 run.finish_marking().await;
-                if run.database_down.is_some() {
+                if run.database_down.is_some() || run.ahead.is_some() {
                     continue;
                 }
                 if self.due_now(run).await {
@@ -281,7 +283,8 @@ impl Relay {
 
     /// Claim and publish until the window is full or nothing is due.
     async fn fill_window(&self, run: &mut Run, shutdown: &Shutdown) -> Result<()> {
-        while run.backlog_left && !shutdown.is_triggered() {
+        // A claim made ahead is sent first, whatever the backlog looks like.
+        while (run.backlog_left || run.ahead.is_some()) && !shutdown.is_triggered() {
             let Some(limit) = run.room(&self.settings) else {
                 return Ok(());
             };
@@ -315,6 +318,7 @@ impl Relay {
     /// Admit a claim to the window and hand its rows to the transport.
     async fn send(&self, run: &mut Run, claim: Claim) -> Result<()> {
         let trusted_json = self.store.backend() == DbBackend::Postgres;
+        debug!(token = %claim.token, rows = ?claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(), "claimed");
         let mut envelopes: Vec<Envelope> = Vec::with_capacity(claim.rows.len());
         let mut refused = Vec::new();
         for row in &claim.rows {
@@ -723,10 +727,11 @@ async fn write_marks(
         }
     }
     for (token, failures) in &marks.failed {
-        retry(name, "record failed attempts", clock, deadline, || {
+        let n = retry(name, "record failed attempts", clock, deadline, || {
             store.mark_failed(*token, failures, now)
         })
         .await;
+        debug!(%token, ids = ?failures.iter().map(|f| f.id).collect::<Vec<_>>(), written = ?n, "failures recorded");
     }
     for (token, ids) in &marks.released {
         retry(name, "give rows back", clock, deadline, || {

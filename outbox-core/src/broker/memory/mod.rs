@@ -81,6 +81,9 @@ type DeliveryScript = Box<dyn FnMut(&StoredMessage) -> DeliveryFault + Send>;
 #[derive(Clone)]
 pub struct MemoryBroker {
     state: Arc<Mutex<State>>,
+    // Scripts run without the state locked, so they may call the broker.
+    publish_script: Arc<Mutex<Option<PublishScript>>>,
+    delivery_script: Arc<Mutex<Option<DeliveryScript>>>,
     changed: Arc<Notify>,
 }
 
@@ -95,8 +98,6 @@ struct State {
     exchanges: HashSet<String>,
     queues: BTreeMap<String, Queue>,
     bindings: Vec<Binding>,
-    publish_script: Option<PublishScript>,
-    delivery_script: Option<DeliveryScript>,
     /// Connection attempts still to refuse.
     refuse_connections: u32,
     /// Bumped when connections drop: older publishers and consumers are dead.
@@ -135,13 +136,18 @@ impl MemoryBroker {
         state.exchanges.insert("amq.topic".to_owned());
         MemoryBroker {
             state: Arc::new(Mutex::new(state)),
+            publish_script: Arc::new(Mutex::new(None)),
+            delivery_script: Arc::new(Mutex::new(None)),
             changed: Arc::new(Notify::new()),
         }
     }
 
     /// Decide each publish with `script` (called once per message, in order).
     pub fn script_publishes(&self, script: impl FnMut(&Envelope) -> PublishFault + Send + 'static) {
-        self.lock().publish_script = Some(Box::new(script));
+        *self
+            .publish_script
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(script));
     }
 
     /// Decide each delivery with `script`.
@@ -149,7 +155,10 @@ impl MemoryBroker {
         &self,
         script: impl FnMut(&StoredMessage) -> DeliveryFault + Send + 'static,
     ) {
-        self.lock().delivery_script = Some(Box::new(script));
+        *self
+            .delivery_script
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(script));
     }
 
     /// Refuse the next `attempts` connections (an outage).
@@ -422,13 +431,26 @@ impl MemoryPublisher {
     pub(crate) async fn publish(&mut self, messages: Vec<Envelope>) -> Result<()> {
         self.alive()?;
         let broker = self.broker.clone();
-        let mut state = broker.lock();
         for envelope in messages {
-            *state.publishes.entry(envelope.id).or_default() += 1;
-            let fault = match state.publish_script.as_mut() {
+            let fault = match broker
+                .publish_script
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
                 Some(script) => script(&envelope),
                 None => PublishFault::Deliver,
             };
+            let mut state = broker.lock();
+            if state.epoch != self.epoch {
+                self.broken = true;
+                return Err(Error::Broker {
+                    operation: "publish",
+                    endpoint: "memory".to_owned(),
+                    source: "connection lost".into(),
+                });
+            }
+            *state.publishes.entry(envelope.id).or_default() += 1;
             let message = StoredMessage {
                 id: Some(envelope.id),
                 destination: envelope.destination.to_string(),
@@ -493,9 +515,9 @@ impl MemoryPublisher {
                 }
             };
             self.pending.push_back((envelope.id, outcome, held));
+            drop(state);
+            broker.changed.notify_waiters();
         }
-        drop(state);
-        broker.changed.notify_waiters();
         Ok(())
     }
 
@@ -571,33 +593,45 @@ impl MemorySubscription {
                 let epoch = self.epoch;
                 let picked = {
                     let State {
-                        queues,
-                        delivery_script,
-                        next_tag,
-                        ..
+                        queues, next_tag, ..
                     } = &mut *state;
                     let queue = queues.entry(self.declaration.queue.clone()).or_default();
                     let mine = queue.unacked.values().filter(|(e, _)| *e == epoch).count();
                     if mine < self.prefetch
                         && let Some(message) = queue.ready.pop_front()
                     {
-                        let fault = match delivery_script.as_mut() {
-                            Some(script) => script(&message),
-                            None => DeliveryFault::Deliver,
-                        };
                         *next_tag += 1;
                         let tag = *next_tag;
                         queue.unacked.insert(tag, (epoch, message.clone()));
-                        if fault == DeliveryFault::Duplicate {
-                            let mut copy = message.clone();
-                            copy.redelivered = true;
-                            queue.ready.push_back(copy);
-                        }
-                        Some((tag, message, fault))
+                        Some((tag, message))
                     } else {
                         None
                     }
                 };
+                drop(state);
+                let picked = picked.map(|(tag, message)| {
+                    let fault = match broker
+                        .delivery_script
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_mut()
+                    {
+                        Some(script) => script(&message),
+                        None => DeliveryFault::Deliver,
+                    };
+                    (tag, message, fault)
+                });
+                let mut state = broker.lock();
+                if let Some((_, message, DeliveryFault::Duplicate)) = &picked {
+                    let mut copy = message.clone();
+                    copy.redelivered = true;
+                    state
+                        .queues
+                        .entry(self.declaration.queue.clone())
+                        .or_default()
+                        .ready
+                        .push_back(copy);
+                }
                 if let Some((tag, message, fault)) = picked {
                     let _ = self.settler.sender().send(SettleEvent::Delivered(tag));
                     if fault == DeliveryFault::DropConnection {
