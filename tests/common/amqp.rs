@@ -31,9 +31,13 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn connect() -> TestBroker {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        TestBroker::connect_to(&amqp_url()).await
+    }
+
+    pub async fn connect_to(url: &str) -> TestBroker {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
-            .expect("connect to RabbitMQ (is it running? see .ci/services)");
+            .expect("connect to RabbitMQ (is it running? scripts/services.sh starts it)");
         let channel = connection.create_channel().await.expect("channel");
         TestBroker {
             connection,

@@ -3,6 +3,7 @@
 
 pub mod amqp;
 pub mod entities;
+pub mod private;
 pub mod script;
 
 use std::sync::Once;
@@ -66,7 +67,7 @@ impl TestDb {
             Backend::Postgres => {
                 let admin = Database::connect(postgres_admin_url())
                     .await
-                    .expect("connect to PostgreSQL (is it running? see .ci/services)");
+                    .expect("connect to PostgreSQL (is it running? scripts/services.sh starts it)");
                 admin
                     .execute_unprepared(&format!("CREATE DATABASE {name}"))
                     .await
@@ -76,7 +77,7 @@ impl TestDb {
             Backend::MariaDb => {
                 let admin = Database::connect(mariadb_admin_url())
                     .await
-                    .expect("connect to MariaDB (is it running? see .ci/services)");
+                    .expect("connect to MariaDB (is it running? scripts/services.sh starts it)");
                 admin
                     .execute_unprepared(&format!("CREATE DATABASE {name}"))
                     .await
@@ -359,4 +360,46 @@ pub fn signal(child: &tokio::process::Child, signal: &str) {
         .status()
         .expect("run kill");
     assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Insert a `published` row by SQL, as another tool might: `id` as given
+/// (a UUID, or text on SQLite), the body and headers as JSON text.
+pub async fn insert_raw_row(
+    db: &DatabaseConnection,
+    id: sea_orm::Value,
+    destination: &str,
+    body: &str,
+    headers: &str,
+) {
+    let backend = db.get_database_backend();
+    let now = chrono::Utc::now();
+    let (sql, values): (&str, Vec<sea_orm::Value>) = match backend {
+        DbBackend::Postgres => (
+            "INSERT INTO published (id, destination, body, added, expires_at, retry, status, headers, next_attempt_at) \
+             VALUES ($1, $2, $3::jsonb, $4, $4, 0, 1, $5::jsonb, $4)",
+            vec![
+                id,
+                destination.into(),
+                body.into(),
+                now.into(),
+                headers.into(),
+            ],
+        ),
+        _ => (
+            "INSERT INTO published (id, destination, body, added, expires_at, retry, status, headers, next_attempt_at) \
+             VALUES (?, ?, ?, ?, ?, 0, 1, ?, ?)",
+            vec![
+                id,
+                destination.into(),
+                body.into(),
+                now.into(),
+                now.into(),
+                headers.into(),
+                now.into(),
+            ],
+        ),
+    };
+    db.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await
+        .expect("insert a row by SQL");
 }
