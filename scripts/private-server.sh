@@ -55,6 +55,16 @@ usage() {
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# A listener on this port: what would stop a server from binding it. (Old
+# client connections in TIME_WAIT do not: servers bind with SO_REUSEADDR.)
+port_listening() {
+    if command -v ss >/dev/null; then
+        [ -n "$(ss -Htln "( sport = :$1 )" 2>/dev/null)" ]
+    else
+        port_open "$1"
+    fi
+}
+
 # Any TCP socket (listening, bound or connected) with this local port.
 port_in_use() {
     if command -v ss >/dev/null; then
@@ -270,7 +280,7 @@ rabbitmq_start() { # dir port extra-lines...
         echo "$node"
         return 0
     fi
-    port_in_use "$port" && die "port $port is already in use"
+    port_listening "$port" && die "port $port is already in use"
 
     # The node name is fixed on first use: the data (mnesia/<node>) belongs to it.
     [ -s "$d/nodename" ] || echo "$(rmq_new_name "outbox-r$port")@$(rmq_host)" >"$d/nodename"
@@ -483,7 +493,7 @@ postgres_start() { # dir port [-c name=value ...]
         postgres_url "$port"
         return 0
     fi
-    port_in_use "$port" && die "port $port is already in use"
+    port_listening "$port" && die "port $port is already in use"
     mv "$d/private-server.conf.new" "$data/private-server.conf"
     touch "$d/postgres.log"
     if [ "$(id -u)" -eq 0 ]; then chown postgres: "$data/private-server.conf" "$d/postgres.log"; fi
@@ -569,7 +579,7 @@ nats_start() { # dir port
         echo "nats://127.0.0.1:$port"
         return 0
     fi
-    port_in_use "$port" && die "port $port is already in use"
+    port_listening "$port" && die "port $port is already in use"
     mkdir -p "$d/jetstream"
     rm -f "$d/nats.pid"
     : >"$d/nats.log"

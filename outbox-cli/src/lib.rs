@@ -53,7 +53,7 @@ where
         }
     };
     if let Err(err) = runtime.block_on(command()) {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", report(&err));
         std::process::exit(1);
     }
 }
@@ -80,6 +80,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Failed(command) => commands::failed(&settings, command).await,
         Command::Dlq(command) => commands::dlq(&settings, command).await,
     }
+}
+
+/// The error and its causes on one line, each text once, secrets masked.
+fn report(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    outbox_core::redact::text(&text)
 }
 
 fn init_logging(json: bool) {

@@ -17,7 +17,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A database statement failed.
     #[error("database error")]
-    Database(#[from] sea_orm::DbErr),
+    Database(#[source] sea_orm::DbErr),
 
     /// A broker operation failed because the connection or the broker did
     /// (an outage: retried with backoff, no attempt counted).
@@ -206,6 +206,24 @@ pub enum Error {
     },
 }
 
+impl From<sea_orm::DbErr> for Error {
+    /// A missing table or column says what to run.
+    fn from(err: sea_orm::DbErr) -> Error {
+        if crate::schema::is_missing(&err) {
+            let text = err.to_string();
+            let what = ["published", "received"]
+                .into_iter()
+                .find(|table| text.contains(table))
+                .map_or("outbox table or column this needs".to_owned(), |table| {
+                    format!("`{table}` table (or one of its columns)")
+                });
+            Error::SchemaMissing { what, source: err }
+        } else {
+            Error::Database(err)
+        }
+    }
+}
+
 fn list_or_none(paths: &[String]) -> String {
     if paths.is_empty() {
         "none (annotate an async fn with #[outbox_core::callback] and link it into this binary)"
@@ -302,17 +320,19 @@ fn transient_code(db: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
 }
 
 /// An error and its causes on one line: `relay stopped: broker error: connection refused`.
+/// Causes whose text is already there are not repeated, and URLs in it have
+/// their passwords masked.
 pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
         let cause_text = cause.to_string();
-        // Some wrapped errors repeat their source's text; say it once.
-        if !text.ends_with(&cause_text) {
+        // Wrapped errors often repeat their source's text; say it once.
+        if !text.contains(&cause_text) {
             text.push_str(": ");
             text.push_str(&cause_text);
         }
         source = cause.source();
     }
-    text
+    crate::redact::text(&text)
 }

@@ -57,22 +57,35 @@ pub struct TestDb {
     pub db: DatabaseConnection,
     name: String,
     sqlite_dir: Option<std::path::PathBuf>,
+    /// The admin URL of a server other than the machine's own.
+    admin_url: Option<String>,
 }
 
 impl TestDb {
     pub async fn new(backend: Backend) -> TestDb {
+        TestDb::create(backend, None).await
+    }
+
+    /// A database on another PostgreSQL server (a private cluster), given
+    /// its admin URL.
+    pub async fn on_postgres(admin_url: &str) -> TestDb {
+        TestDb::create(Backend::Postgres, Some(admin_url.to_owned())).await
+    }
+
+    async fn create(backend: Backend, admin_url: Option<String>) -> TestDb {
         init_tracing();
         let name = format!("outbox_t_{}", &Uuid::new_v4().simple().to_string()[..12]);
         let (url, sqlite_dir) = match backend {
             Backend::Postgres => {
-                let admin = Database::connect(postgres_admin_url())
+                let admin_url = admin_url.clone().unwrap_or_else(postgres_admin_url);
+                let admin = Database::connect(admin_url.as_str())
                     .await
                     .expect("connect to PostgreSQL (is it running? scripts/services.sh starts it)");
                 admin
                     .execute_unprepared(&format!("CREATE DATABASE {name}"))
                     .await
                     .expect("create database");
-                (replace_db(&postgres_admin_url(), &name), None)
+                (replace_db(&admin_url, &name), None)
             }
             Backend::MariaDb => {
                 let admin = Database::connect(mariadb_admin_url())
@@ -101,6 +114,7 @@ impl TestDb {
             db,
             name,
             sqlite_dir,
+            admin_url,
         }
     }
 
@@ -180,6 +194,24 @@ impl Drop for TestDb {
             return;
         }
         let name = self.name.clone();
+        if let Some(admin_url) = self.admin_url.clone() {
+            // A private server goes away with its test; try once, quietly.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(async {
+                    let admin = Database::connect(admin_url.as_str()).await.ok()?;
+                    admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await
+                        .ok()
+                })
+            })
+            .join();
+            return;
+        }
         on_admin_connection(self.backend, move |admin| async move {
             if admin.get_database_backend() == DbBackend::MySql {
                 // What WITH (FORCE) does on PostgreSQL: a session still in a

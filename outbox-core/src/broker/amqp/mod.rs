@@ -24,6 +24,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub(crate) struct Amqp {
     url: crate::redact::Secret,
+    /// The URL as configured, without credentials.
+    shown: String,
     heartbeat: u16,
     timeout: Duration,
 }
@@ -32,13 +34,14 @@ impl Amqp {
     pub(crate) fn new(settings: &BrokerSettings) -> Amqp {
         Amqp {
             url: crate::redact::Secret::new(with_heartbeat(&settings.url, settings.heartbeat)),
+            shown: crate::redact::url(&settings.url),
             heartbeat: settings.heartbeat,
             timeout: settings.operation_timeout,
         }
     }
 
     pub(crate) fn endpoint(&self) -> String {
-        crate::redact::url(self.url.expose())
+        self.shown.clone()
     }
 
     pub(crate) fn timeout(&self) -> Duration {
