@@ -60,13 +60,19 @@ async fn run_schedules(backend: Backend, var: &str, default: u64) {
     let started = std::time::Instant::now();
     let total = seeds.len();
     let mut failures = Vec::new();
-    // Several schedules at once: each has its own database and broker.
+    // Several schedules at once: each has its own database and broker. A
+    // schedule must end well within the 60 s claim lease: a relay that waits
+    // out a lease is waiting for a row nobody sends.
     let runs = futures_util::stream::iter(seeds).map(|seed| async move {
-        let outcome = tokio::time::timeout(Duration::from_secs(120), schedule(backend, seed)).await;
+        let outcome = tokio::time::timeout(Duration::from_secs(45), schedule(backend, seed)).await;
         match outcome {
             Ok(Ok(stats)) => Ok(stats),
             Ok(Err(violation)) => Err((seed, violation)),
-            Err(_) => Err((seed, "did not finish within 120 s".to_owned())),
+            Err(_) => Err((
+                seed,
+                "did not finish within 45 s (a claim left behind waits out its 60 s lease)"
+                    .to_owned(),
+            )),
         }
     });
     let mut runs = runs.buffer_unordered(8);

@@ -65,11 +65,14 @@ pub(crate) struct Claim {
     pub(crate) lease_until: DateTime<Utc>,
     pub(crate) rows: Vec<ClaimedRow>,
     pub(crate) bad: Vec<BadRow>,
+    /// Rows of this claim already marked FAILED because they cannot be read.
+    pub(crate) unreadable: u64,
 }
 
 impl Claim {
+    /// Every row the claim took, readable or not (a full claim means more is due).
     pub(crate) fn len(&self) -> usize {
-        self.rows.len() + self.bad.len()
+        self.rows.len() + self.bad.len() + self.unreadable as usize
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -143,6 +146,7 @@ impl Store {
             lease_until,
             rows: Vec::with_capacity(results.len()),
             bad: Vec::new(),
+            unreadable: 0,
         };
         for result in &results {
             match self.decode(result) {
@@ -296,13 +300,14 @@ impl Store {
     }
 
     /// Record failed attempts of claim `token`: rows with the same attempt
-    /// count, schedule and error share one statement.
+    /// count, schedule and error share one statement. Returns how many rows
+    /// were still held: `(scheduled again, FAILED)`.
     pub(crate) async fn mark_failed(
         &self,
         token: Uuid,
         failures: &[Failure],
         now: DateTime<Utc>,
-    ) -> Result<u64> {
+    ) -> Result<(u64, u64)> {
         let mut groups: Vec<(&Failure, Vec<Uuid>)> = Vec::new();
         for failure in failures {
             match groups.iter_mut().find(|(first, _)| {
@@ -314,15 +319,15 @@ impl Store {
                 None => groups.push((failure, vec![failure.id])),
             }
         }
-        let mut marked = 0;
+        let (mut scheduled, mut failed) = (0, 0);
         for (failure, ids) in groups {
-            let status = if failure.next_attempt_at.is_some() {
-                Status::Schedule
+            let (status, marked) = if failure.next_attempt_at.is_some() {
+                (Status::Schedule, &mut scheduled)
             } else {
-                Status::Failed
+                (Status::Failed, &mut failed)
             };
             for chunk in ids.chunks(CHUNK) {
-                marked += published::Entity::update_many()
+                *marked += published::Entity::update_many()
                     .col_expr(Column::Retry, Expr::value(failure.retry))
                     .col_expr(Column::Status, Expr::value(status.code()))
                     .col_expr(
@@ -341,7 +346,7 @@ impl Store {
                     .rows_affected;
             }
         }
-        Ok(marked)
+        Ok((scheduled, failed))
     }
 
     /// FAILED at once: a row of claim `token` that can never be sent.

@@ -148,7 +148,7 @@ impl Relay {
         };
         let wake = Arc::new(Notify::new());
         let listener = self.spawn_listener(&wake);
-        let mut run = Run::new(&self.settings);
+        let mut run = Run::new(&self.settings, Arc::clone(&self.metrics));
         info!(
             relay = %self.name,
             broker = %transport.endpoint(),
@@ -338,16 +338,10 @@ impl Relay {
                 Err(reason) => refused.push((row.id, Outcome::Invalid(reason))),
             }
         }
-        for bad in &claim.bad {
-            error!(id = %bad.shown, error = %bad.reason, "outbox row cannot be read; marked FAILED");
-            let store = self.store.clone();
-            let (token, bad, now) = (claim.token, bad.clone(), self.clock.now());
-            if let Err(err) = store.mark_unreadable(token, &bad, now).await {
-                warn!(id = %bad.shown, error = %report(&err), "could not mark an unreadable row FAILED");
-            }
-            run.report.failed += 1;
-            Metrics::add(&self.metrics.failed, 1);
-        }
+        run.counted(Marked {
+            failed: claim.unreadable,
+            ..Marked::default()
+        });
         if !refused.is_empty() {
             let marks = run
                 .window
@@ -371,13 +365,14 @@ impl Relay {
             && run.database_down.is_none()
             && self.store.backend() != DbBackend::MySql;
         let limit = self.settings.relay.batch_size;
-        // Wake in time to renew leases while confirms are slow.
+        // Wake in time to renew leases while confirms are slow (at least
+        // every second, so a jump of the clock is noticed too).
         let renew_in = run
             .window
             .next_lease_end()
             .map(|end| (end - self.clock.now()).to_std().unwrap_or_default() / 2)
             .unwrap_or(self.settings.broker.operation_timeout)
-            .max(Duration::from_millis(10));
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
         let Some(publisher) = run.publisher.as_mut() else {
             return Ok(());
         };
@@ -436,12 +431,7 @@ impl Relay {
             let latency = (now - *added).to_std().unwrap_or_default();
             self.metrics.publish_latency.observe(latency);
         }
-        run.report.published += sent;
-        Metrics::add(&self.metrics.published, sent);
-        run.report.retried += marks.retrying.len() as u64;
-        Metrics::add(&self.metrics.retried, marks.retrying.len() as u64);
-        run.report.failed += marks.gave_up.len() as u64;
-        Metrics::add(&self.metrics.failed, marks.gave_up.len() as u64);
+        let _ = sent;
         // One warning per distinct reason and round: an unbound destination
         // can fail a whole batch, and a line per message would drown the log.
         let mut reasons: std::collections::BTreeMap<&str, (u64, Uuid)> = Default::default();
@@ -452,9 +442,6 @@ impl Relay {
         for (reason, (count, example)) in reasons {
             warn!(messages = count, example_id = %example, error = %reason, "publish attempts failed; will retry on schedule");
         }
-        for (id, destination, attempts, reason) in &marks.gave_up {
-            error!(%id, %destination, attempts, error = %reason, "message FAILED after its last attempt; see `outbox-cli failed`");
-        }
         run.finish_marking().await;
         run.marking_rows = marks.rows();
         let store = self.store.clone();
@@ -463,7 +450,7 @@ impl Relay {
             + chrono::Duration::from_std(self.settings.relay.claim_lease).unwrap_or_default();
         let clock = self.clock.clone();
         run.marking = Some(tokio::spawn(async move {
-            write_marks(&store, &name, marks, &clock, deadline).await;
+            write_marks(&store, &name, marks, &clock, deadline).await
         }));
     }
 
@@ -477,6 +464,10 @@ impl Relay {
         if let Some(claim) = run.ahead.take() {
             let ids: Vec<Uuid> = claim.rows.iter().map(|r| r.id).collect();
             self.release(claim.token, &ids).await;
+            run.counted(Marked {
+                failed: claim.unreadable,
+                ..Marked::default()
+            });
         }
     }
 
@@ -510,11 +501,23 @@ impl Relay {
         }
     }
 
+    /// Claim a batch. Rows that cannot be read are FAILED at once, whatever
+    /// happens to the rest of the claim.
     async fn claim(&self, limit: u32) -> Result<Claim> {
         let now = self.clock.now();
         let lease = chrono::Duration::from_std(self.settings.relay.claim_lease)
             .unwrap_or(chrono::Duration::seconds(60));
-        self.store.claim(limit, now, now + lease).await
+        let mut claim = self.store.claim(limit, now, now + lease).await?;
+        for bad in std::mem::take(&mut claim.bad) {
+            error!(id = %bad.shown, error = %bad.reason, "outbox row cannot be read; marked FAILED");
+            match self.store.mark_unreadable(claim.token, &bad, now).await {
+                Ok(marked) => claim.unreadable += marked,
+                Err(err) => {
+                    warn!(id = %bad.shown, error = %report(&err), "could not mark an unreadable row FAILED; it is met again when its lease ends")
+                }
+            }
+        }
+        Ok(claim)
     }
 
     async fn release(&self, token: Uuid, ids: &[Uuid]) {
@@ -707,31 +710,56 @@ impl Relay {
 
 /// Write one round of marks, each retried through database blips until the
 /// claim's lease ends (after that the row is someone else's to send).
+/// Rows a round of marks changed (rows another relay claimed meanwhile are not counted).
+#[derive(Debug, Clone, Copy, Default)]
+struct Marked {
+    published: u64,
+    retried: u64,
+    failed: u64,
+}
+
 async fn write_marks(
     store: &Store,
     name: &str,
     marks: Marks,
     clock: &Clock,
     deadline: DateTime<Utc>,
-) {
+) -> Marked {
     let now = clock.now();
+    let mut done = Marked::default();
     for (token, ids) in &marks.sent {
         let written = retry(name, "mark rows sent", clock, deadline, || {
             store.mark_sent(*token, ids, now)
         })
         .await;
-        if let Some(marked) = written
-            && marked < ids.len() as u64
-        {
-            warn!(relay = %name, rows = ids.len() as u64 - marked, "confirmed rows were claimed by another relay after their lease ended; it sends them again (consumers deduplicate)");
+        if let Some(marked) = written {
+            done.published += marked;
+            if marked < ids.len() as u64 {
+                warn!(relay = %name, rows = ids.len() as u64 - marked, "confirmed rows were claimed by another relay after their lease ended; it sends them again (consumers deduplicate)");
+            }
         }
     }
     for (token, failures) in &marks.failed {
-        let n = retry(name, "record failed attempts", clock, deadline, || {
+        let written = retry(name, "record failed attempts", clock, deadline, || {
             store.mark_failed(*token, failures, now)
         })
         .await;
-        debug!(%token, ids = ?failures.iter().map(|f| f.id).collect::<Vec<_>>(), written = ?n, "failures recorded");
+        let Some((scheduled, failed)) = written else {
+            continue;
+        };
+        done.retried += scheduled;
+        done.failed += failed;
+        if (scheduled + failed) as usize == failures.len() {
+            for (id, destination, attempts, reason) in marks
+                .gave_up
+                .iter()
+                .filter(|(id, ..)| failures.iter().any(|f| f.id == *id))
+            {
+                error!(%id, %destination, attempts, error = %reason, "message FAILED after its last attempt; see `outbox-cli failed`");
+            }
+        } else {
+            warn!(relay = %name, rows = failures.len() as u64 - scheduled - failed, "failed rows were claimed by another relay after their lease ended; their attempt is counted there");
+        }
     }
     for (token, ids) in &marks.released {
         retry(name, "give rows back", clock, deadline, || {
@@ -739,18 +767,19 @@ async fn write_marks(
         })
         .await;
     }
+    done
 }
 
-async fn retry<F, Fut>(
+async fn retry<T, F, Fut>(
     name: &str,
     what: &str,
     clock: &Clock,
     deadline: DateTime<Utc>,
     mut write: F,
-) -> Option<u64>
+) -> Option<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<u64>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     let mut pause = Duration::from_millis(100);
     loop {
@@ -785,7 +814,7 @@ struct Run {
     /// A claim made while the window waited for outcomes.
     ahead: Option<Claim>,
     /// The marks being written, and how many rows they cover.
-    marking: Option<JoinHandle<()>>,
+    marking: Option<JoinHandle<Marked>>,
     marking_rows: usize,
     /// Whether the last claim was full, i.e. more is probably due.
     backlog_left: bool,
@@ -794,13 +823,15 @@ struct Run {
     database_down: Option<Instant>,
     waiting_for_leases: Option<Instant>,
     report: RelayReport,
+    metrics: Arc<Metrics>,
     last_progress: Instant,
     published_at_last_progress: u64,
 }
 
 impl Run {
-    fn new(settings: &Settings) -> Run {
+    fn new(settings: &Settings, metrics: Arc<Metrics>) -> Run {
         Run {
+            metrics,
             publisher: None,
             window: Window::default(),
             ahead: None,
@@ -839,11 +870,22 @@ impl Run {
     }
 
     async fn finish_marking(&mut self) {
-        if let Some(marking) = self.marking.take()
-            && let Err(err) = marking.await
-        {
-            error!(error = %err, "marking task failed");
+        if let Some(marking) = self.marking.take() {
+            match marking.await {
+                Ok(marked) => self.counted(marked),
+                Err(err) => error!(error = %err, "marking task failed"),
+            }
         }
         self.marking_rows = 0;
+    }
+
+    /// Count what the database took.
+    fn counted(&mut self, marked: Marked) {
+        self.report.published += marked.published;
+        self.report.retried += marked.retried;
+        self.report.failed += marked.failed;
+        Metrics::add(&self.metrics.published, marked.published);
+        Metrics::add(&self.metrics.retried, marked.retried);
+        Metrics::add(&self.metrics.failed, marked.failed);
     }
 }

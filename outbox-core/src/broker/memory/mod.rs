@@ -41,6 +41,9 @@ pub enum PublishFault {
     DropConnection,
     /// Route it, and answer it only after the next round of answers.
     Delay,
+    /// Route it, and answer it only after [`MemoryBroker::release_held`]
+    /// (a confirm slower than any lease).
+    Hold,
     /// Route it; its confirm is lost with the connection, which drops
     /// right after (it is in the queue, but the relay cannot know).
     DeliverThenDropConnection,
@@ -102,6 +105,8 @@ struct State {
     refuse_connections: u32,
     /// Bumped when connections drop: older publishers and consumers are dead.
     epoch: u64,
+    /// Bumped by `release_held`: answers held before it are let go.
+    released: u64,
     next_tag: u64,
     /// Every confirm handed to a publisher, in order.
     confirmed: Vec<Uuid>,
@@ -164,6 +169,12 @@ impl MemoryBroker {
     /// Refuse the next `attempts` connections (an outage).
     pub fn refuse_connections(&self, attempts: u32) {
         self.lock().refuse_connections = attempts;
+    }
+
+    /// Let go of every answer held by [`PublishFault::Hold`].
+    pub fn release_held(&self) {
+        self.lock().released += 1;
+        self.changed.notify_waiters();
     }
 
     /// Drop every connection now.
@@ -411,8 +422,8 @@ fn topic_matches(pattern: &str, key: &str) -> bool {
 pub(crate) struct MemoryPublisher {
     broker: MemoryBroker,
     epoch: u64,
-    /// Unanswered messages, with their answer and whether it is held back.
-    pending: VecDeque<(Uuid, Outcome, bool)>,
+    /// Unanswered messages, with their answer and how it is held back.
+    pending: VecDeque<(Uuid, Outcome, Held)>,
     broken: bool,
 }
 
@@ -461,19 +472,20 @@ impl MemoryPublisher {
             let (outcome, held) = match fault {
                 PublishFault::Nack => (
                     Outcome::Rejected("the broker refused the message (nack)".to_owned()),
-                    false,
+                    Held::No,
                 ),
                 PublishFault::Return => (
                     Outcome::Unroutable("unroutable (scripted)".to_owned()),
-                    false,
+                    Held::No,
                 ),
                 PublishFault::CloseChannel(reason) => {
-                    for (_, outcome, _) in &mut self.pending {
+                    for (_, outcome, held) in &mut self.pending {
                         *outcome = Outcome::Unknown(format!(
                             "sent on a channel another message closed ({reason})"
                         ));
+                        *held = Held::No;
                     }
-                    (Outcome::Rejected(reason), false)
+                    (Outcome::Rejected(reason), Held::No)
                 }
                 PublishFault::DropConnection => {
                     state.drop_connections();
@@ -498,8 +510,12 @@ impl MemoryPublisher {
                         source: "connection lost after routing (scripted)".into(),
                     });
                 }
-                PublishFault::Deliver | PublishFault::Delay => {
-                    let held = fault == PublishFault::Delay;
+                PublishFault::Deliver | PublishFault::Delay | PublishFault::Hold => {
+                    let held = match fault {
+                        PublishFault::Delay => Held::Round,
+                        PublishFault::Hold => Held::Until(state.released),
+                        _ => Held::No,
+                    };
                     match state.refusal(&envelope.destination) {
                         Some(reason) => (Outcome::Rejected(reason), held),
                         None if state.route(&envelope.destination, message) => {
@@ -524,16 +540,29 @@ impl MemoryPublisher {
     pub(crate) async fn outcomes(&mut self) -> Result<Vec<(Uuid, Outcome)>> {
         // Let other tasks run first (nothing is taken yet: cancel-safe).
         tokio::task::yield_now().await;
-        self.alive()?;
-        // Held answers wait one round, unless nothing else would come.
-        let all_held = self.pending.iter().all(|(_, _, held)| *held);
+        loop {
+            self.alive()?;
+            let released = self.broker.lock().released;
+            let waiting = |held: &Held| matches!(held, Held::Until(at) if *at >= released);
+            if self.pending.is_empty() || !self.pending.iter().all(|(_, _, held)| waiting(held)) {
+                break;
+            }
+            // Everything is held until the test lets go: wait for it.
+            let changed = self.broker.changed.notified();
+            if self.broker.lock().released == released {
+                changed.await;
+            }
+        }
+        let released = self.broker.lock().released;
+        // Round-held answers wait one round, unless nothing else would come.
+        let all_held = self.pending.iter().all(|(_, _, held)| *held != Held::No);
         let mut out = Vec::new();
         let mut kept = VecDeque::new();
         for (id, outcome, held) in self.pending.drain(..) {
-            if held && !all_held {
-                kept.push_back((id, outcome, false));
-            } else {
-                out.push((id, outcome));
+            match held {
+                Held::Until(at) if at >= released => kept.push_back((id, outcome, held)),
+                Held::Round if !all_held => kept.push_back((id, outcome, Held::No)),
+                _ => out.push((id, outcome)),
             }
         }
         self.pending = kept;
@@ -555,6 +584,16 @@ impl MemoryPublisher {
     }
 
     pub(crate) async fn close(self) {}
+}
+
+/// How an answer is held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    No,
+    /// One round of answers.
+    Round,
+    /// Until `release_held` moves past this count.
+    Until(u64),
 }
 
 /// A consumer on a memory broker.
