@@ -461,3 +461,47 @@ async fn malformed_input_is_handled() {
     .unwrap_err();
     assert!(err.to_string().contains("unknown destination prefix"));
 }
+
+/// The consumer's database goes away for longer than its retries: what is
+/// in flight goes back to the queue (never to the DLQ), the consumer waits
+/// for the database, and every message is stored once when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_waits_out_a_database_outage() {
+    let _serial = SERIAL.lock().await;
+    let cluster = Private::start(Server::Postgres, &["-c", "max_connections=40"]).await;
+    let inbox_db = TestDb::on_postgres(&cluster.postgres_url("postgres")).await;
+    let outbox = TestDb::new(Backend::Postgres).await;
+    let destination = unique_topic();
+    let inbox = Inbox::start_on(inbox_db, &destination, |s| {
+        s.consumer.max_retry_attempts = 1;
+        s.consumer.retry_wait = Duration::from_millis(100);
+    })
+    .await;
+    let total = 5_000;
+    write_messages(&outbox.db, &destination, total).await;
+    let (stop_relay, shutdown) = shutdown_channel();
+    let relay = tokio::spawn(Relay::new(outbox.db.clone(), settings(&outbox.url)).run(shutdown));
+    inbox.wait_for(500, Duration::from_secs(60)).await;
+    cluster.stop().await;
+    // The outage itself: longer than the consumer's retries (100 ms, once).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.up().await;
+    inbox.wait_for(total as u64, Duration::from_secs(180)).await;
+    stop_relay.trigger();
+    relay.await.unwrap().unwrap();
+    let broker = TestBroker::connect().await;
+    let dlq = format!("DLQ.{}", inbox.queue);
+    let dead = broker.message_count(&dlq).await;
+    let (report, inbox_db) = inbox.stop(&broker).await;
+    assert_eq!(dead, 0, "an outage dead-letters nothing");
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    assert!(
+        report.requeued > 0,
+        "messages in flight went back to the queue: {report:?}"
+    );
+    assert_exactly_once(&outbox, &inbox_db, total).await;
+    eprintln!(
+        "database outage: {} messages requeued, none dead-lettered",
+        report.requeued
+    );
+}
