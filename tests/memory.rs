@@ -138,3 +138,49 @@ async fn a_callback_that_panics_before_its_future_is_settled() {
         "nothing left unsettled at prefetch 1"
     );
 }
+
+/// Large bodies: what is in flight is bounded by `relay.max_in_flight_bytes`,
+/// not only by the row count.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_in_flight_are_bounded_by_bytes() {
+    let t = TestDb::new(Backend::Sqlite).await;
+    let big = "x".repeat(1024 * 1024);
+    for _ in 0..20 {
+        outbox_core::write(
+            &t.db,
+            outbox_core::Message::new("/queue/big", serde_json::json!({ "big": big })).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let broker = MemoryBroker::new();
+    broker.script_publishes(|_| PublishFault::Hold);
+    let mut settings = settings(&t.url);
+    settings.relay.batch_size = 20;
+    settings.relay.max_in_flight = 20;
+    settings.relay.max_in_flight_bytes = 4 * 1024 * 1024;
+    let relay = tokio::spawn(
+        Relay::new(t.db.clone(), settings)
+            .with_transport(broker.clone())
+            .run_until_empty(Shutdown::never()),
+    );
+    eventually(Duration::from_secs(10), "a first window sent", || async {
+        !broker.publishes().is_empty()
+    })
+    .await;
+    let in_flight = broker.publishes().len();
+    assert!(
+        in_flight <= 5,
+        "{in_flight} bodies of 1 MiB in flight with a 4 MiB bound"
+    );
+    broker.release_held();
+    // Later windows are held too until let go: release until done.
+    while !relay.is_finished() {
+        broker.release_held();
+        let sent = broker.publishes().len();
+        assert!(sent <= 20);
+        tokio::task::yield_now().await;
+    }
+    let report = relay.await.unwrap().unwrap();
+    assert_eq!(report.published, 20);
+}

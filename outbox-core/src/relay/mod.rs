@@ -318,6 +318,18 @@ impl Relay {
     /// Admit a claim to the window and hand its rows to the transport.
     async fn send(&self, run: &mut Run, claim: Claim) -> Result<()> {
         let trusted_json = self.store.backend() == DbBackend::Postgres;
+        if !claim.rows.is_empty() {
+            let total: usize = claim
+                .rows
+                .iter()
+                .map(|r| r.body.len() + r.headers.len())
+                .sum();
+            let mean = total / claim.rows.len();
+            run.row_bytes = Some(match run.row_bytes {
+                Some(previous) => mean.max((previous + mean) / 2),
+                None => mean,
+            });
+        }
         debug!(token = %claim.token, rows = ?claim.rows.iter().map(|r| r.id).collect::<Vec<_>>(), "claimed");
         let mut envelopes: Vec<Envelope> = Vec::with_capacity(claim.rows.len());
         let mut refused = Vec::new();
@@ -364,7 +376,17 @@ impl Relay {
             && run.backlog_left
             && run.database_down.is_none()
             && self.store.backend() != DbBackend::MySql;
-        let limit = self.settings.relay.batch_size;
+        // A claim made ahead is held in memory too: keep it within the byte bound.
+        let limit = match run.row_bytes {
+            Some(average) => {
+                let fits = self.settings.relay.max_in_flight_bytes / average.max(1);
+                self.settings
+                    .relay
+                    .batch_size
+                    .min(u32::try_from(fits.max(1)).unwrap_or(u32::MAX))
+            }
+            None => 1,
+        };
         // Wake in time to renew leases while confirms are slow (at least
         // every second, so a jump of the clock is noticed too).
         let renew_in = run
@@ -818,6 +840,9 @@ struct Run {
     marking_rows: usize,
     /// Whether the last claim was full, i.e. more is probably due.
     backlog_left: bool,
+    /// Bytes per row, from the claims so far (the larger of the last claim's
+    /// mean and a running mean, so a claim of big rows shrinks the next).
+    row_bytes: Option<usize>,
     backoff: Backoff,
     broker_down: Option<Instant>,
     database_down: Option<Instant>,
@@ -838,6 +863,7 @@ impl Run {
             marking: None,
             marking_rows: 0,
             backlog_left: true,
+            row_bytes: None,
             backoff: Backoff::new(settings.broker.maximum_backoff),
             broker_down: None,
             database_down: None,
@@ -859,11 +885,11 @@ impl Run {
         if bytes >= relay.max_in_flight_bytes {
             return None;
         }
-        let byte_room = if self.window.is_empty() {
-            usize::MAX
-        } else {
-            let average = (bytes / self.window.len()).max(1);
-            ((relay.max_in_flight_bytes - bytes) / average).max(1)
+        // Row sizes are known only once claimed: the first claim takes one
+        // row, later ones as many as the sizes seen so far leave room for.
+        let byte_room = match self.row_bytes {
+            None => 1,
+            Some(average) => ((relay.max_in_flight_bytes - bytes) / average.max(1)).max(1),
         };
         let room = count_room.min(byte_room).min(relay.batch_size as usize);
         u32::try_from(room).ok().filter(|room| *room > 0)
