@@ -667,12 +667,19 @@ mod tests {
     #[test]
     fn max_in_flight_is_set_from_the_file_and_the_environment() {
         let s = Settings::from_sources(
-            Some(("outbox.toml", "[relay]\nmax_in_flight = 1000\nmax_in_flight_bytes = 4096\n")),
+            Some((
+                "outbox.toml",
+                "[relay]\nmax_in_flight = 1000\nmax_in_flight_bytes = 4096\n",
+            )),
             env(&[]),
         )
         .unwrap();
-        assert_eq!((s.relay.max_in_flight, s.relay.max_in_flight_bytes), (1000, 4096));
-        let s = Settings::from_sources(None, env(&[("OUTBOX_RELAY_MAX_IN_FLIGHT", "700")])).unwrap();
+        assert_eq!(
+            (s.relay.max_in_flight, s.relay.max_in_flight_bytes),
+            (1000, 4096)
+        );
+        let s =
+            Settings::from_sources(None, env(&[("OUTBOX_RELAY_MAX_IN_FLIGHT", "700")])).unwrap();
         assert_eq!(s.relay.max_in_flight, 700);
     }
 
@@ -681,11 +688,17 @@ mod tests {
         let mut s = Settings::default();
         s.relay.max_in_flight = 100;
         let err = s.check_relay().unwrap_err().to_string();
-        assert!(err.contains("relay.max_in_flight") && err.contains("relay.batch_size"), "{err}");
+        assert!(
+            err.contains("relay.max_in_flight") && err.contains("relay.batch_size"),
+            "{err}"
+        );
         let mut s = Settings::default();
         s.relay.claim_lease = Duration::from_secs(10);
         let err = s.check_relay().unwrap_err().to_string();
-        assert!(err.contains("relay.claim_lease") && err.contains("operation_timeout"), "{err}");
+        assert!(
+            err.contains("relay.claim_lease") && err.contains("operation_timeout"),
+            "{err}"
+        );
         let mut s = Settings::default();
         s.consumer.queue_type = QueueType::Quorum;
         s.consumer.exclusive_queue = true;
@@ -700,7 +713,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(!err.contains("Sup3rS3cret") && err.contains("app:***@db"), "{err}");
+        assert!(
+            !err.contains("Sup3rS3cret") && err.contains("app:***@db"),
+            "{err}"
+        );
         let debug = format!(
             "{:?}",
             Settings::from_sources(None, env(&[("AMQP_URL", "amqp://u:Sup3rS3cret@h/v")])).unwrap()
@@ -710,9 +726,10 @@ mod tests {
 
     #[test]
     fn unknown_keys_get_the_closest_known_one() {
-        let err = Settings::from_sources(Some(("outbox.toml", "[relay]\nbatchsize = 1\n")), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err =
+            Settings::from_sources(Some(("outbox.toml", "[relay]\nbatchsize = 1\n")), env(&[]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("did you mean `relay.batch_size`"), "{err}");
     }
 
