@@ -13,7 +13,7 @@ use outbox_core::{
     CallbackResult, Consumer, ConsumerReport, Message, Metrics, Payload, Relay, Settings, Shutdown,
     callback, find_callback, headers, registered_callbacks, shutdown_channel,
 };
-use sea_orm::{EntityTrait, TransactionTrait};
+use sea_orm::{ConnectionTrait, EntityTrait, TransactionTrait};
 use serde_json::json;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -344,8 +344,10 @@ async fn correlation_id_propagates_into_emitted_rows() {
     cleanup(&broker, &rk).await;
 }
 
-/// Two deliveries of one id in flight at once: one saves, the other hits the
-/// unique constraint and is acked as a duplicate, not dead-lettered.
+/// Two deliveries of one id in flight at once, in separate transactions
+/// (batch size 1, two lanes): the second's inbox insert waits on the unique
+/// index while the first callback runs, then skips; its callback never runs
+/// and it is acked as a duplicate, not dead-lettered.
 #[tokio::test(flavor = "multi_thread")]
 async fn unique_constraint_race_is_an_ack() {
     let t = TestDb::new(Backend::Postgres).await;
@@ -354,31 +356,51 @@ async fn unique_constraint_race_is_an_ack() {
     let mut settings = settings(&t.url);
     settings.consumer.prefetch = 2;
     settings.consumer.concurrency = 2;
-    let barrier = Arc::new(tokio::sync::Barrier::new(2));
-    let consumer = Consumer::new(
-        t.db.clone(),
-        settings,
-        &destination,
-        None,
+    settings.consumer.batch_size = 1;
+    let calls = Arc::new(AtomicU32::new(0));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let consumer = Consumer::new(t.db.clone(), settings, &destination, None, {
+        let calls = Arc::clone(&calls);
+        let gate = Arc::clone(&gate);
         move |payload: Payload| {
-            let barrier = Arc::clone(&barrier);
+            let calls = Arc::clone(&calls);
+            let gate = Arc::clone(&gate);
             async move {
+                calls.fetch_add(1, Ordering::SeqCst);
                 let txn = payload.begin().await?;
-                // both deliveries passed the duplicate check before either saves
-                barrier.wait().await;
+                gate.notified().await;
                 Ok(payload.save(txn).await?)
             }
-        },
-    )
+        }
+    })
     .unwrap();
     let running = start(consumer);
     declared(&broker, &rk).await;
-    broker
-        .send("amq.topic", &rk, b"{}", &[(headers::MSG_ID, "same")])
-        .await;
-    broker
-        .send("amq.topic", &rk, b"{}", &[(headers::MSG_ID, "same")])
-        .await;
+    for _ in 0..2 {
+        broker
+            .send("amq.topic", &rk, b"{}", &[(headers::MSG_ID, "same")])
+            .await;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the second delivery waiting on the first's inbox row",
+        || async {
+            let waiting: i64 =
+                t.db.query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get("", "count")
+                .unwrap();
+            waiting == 1
+        },
+    )
+    .await;
+    gate.notify_one();
     eventually(Duration::from_secs(10), "both acked", || async {
         broker.message_count(&rk).await == 0 && received_count(&t.db).await == 1
     })
@@ -387,6 +409,11 @@ async fn unique_constraint_race_is_an_ack() {
     assert_eq!(
         (report.saved, report.duplicates, report.dead_lettered),
         (1, 1, 0)
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the duplicate's callback ran"
     );
     assert_eq!(broker.message_count(&format!("DLQ.{rk}")).await, 0);
     cleanup(&broker, &rk).await;

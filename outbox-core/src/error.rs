@@ -182,6 +182,12 @@ pub enum Error {
     )]
     ForeignTransaction,
 
+    /// A callback used its transaction after the message was decided.
+    #[error(
+        "this transaction is over: its message was already saved, nacked or its batch ended; do every write before `Payload::save` returns"
+    )]
+    TransactionOver,
+
     /// The database backend is not one we support.
     #[error("unsupported database backend `{0}`; use PostgreSQL, MySQL/MariaDB or SQLite")]
     UnsupportedBackend(String),

@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
-const BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+const BUCKETS: [f64; 19] = [
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
 ];
 
 /// A latency histogram with fixed buckets.
@@ -37,6 +38,28 @@ impl Histogram {
     /// How many observations.
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    /// The `q` quantile (0 to 1), interpolated inside its bucket as
+    /// Prometheus' `histogram_quantile` does; `None` before any observation
+    /// or above the last bucket.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * count as f64;
+        let mut lower = (0.0, 0u64);
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            let cumulative = bucket.load(Ordering::Relaxed);
+            if cumulative as f64 >= rank && cumulative > lower.1 {
+                let share = (rank - lower.1 as f64) / (cumulative - lower.1) as f64;
+                let secs = lower.0 + (bound - lower.0) * share.clamp(0.0, 1.0);
+                return Some(Duration::from_secs_f64(secs));
+            }
+            lower = (*bound, cumulative);
+        }
+        None
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
@@ -152,8 +175,32 @@ impl Metrics {
         self.handle_latency.render(
             &mut out,
             "outbox_handle_latency_seconds",
-            "Time to run a callback and commit its transaction.",
+            "Time from taking a message (the first of its batch) to settling it: filling the batch, the callbacks, the commit.",
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_the_bucket() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        // 90 observations in (2 ms, 3 ms], 10 in (10 ms, 15 ms]
+        for _ in 0..90 {
+            h.observe(Duration::from_micros(2500));
+        }
+        for _ in 0..10 {
+            h.observe(Duration::from_millis(12));
+        }
+        let p50 = h.quantile(0.5).unwrap().as_secs_f64();
+        assert!((0.002..=0.003).contains(&p50), "{p50}");
+        let p99 = h.quantile(0.99).unwrap().as_secs_f64();
+        assert!((0.010..=0.015).contains(&p99), "{p99}");
+        h.observe(Duration::from_secs(100));
+        assert_eq!(h.quantile(1.0), None, "above the last bucket");
     }
 }

@@ -118,6 +118,10 @@ pub struct RelaySettings {
     pub progress_interval: Duration,
 }
 
+/// The largest `consumer.batch_size`: a batch's inbox rows go in one
+/// statement, and MariaDB and SQLite bound the values in one statement.
+pub(crate) const MAX_BATCH: usize = 1000;
+
 /// The consumer (`outbox-cli subscribe`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConsumerSettings {
@@ -140,6 +144,28 @@ pub struct ConsumerSettings {
     pub delivery_limit: u32,
     /// `consumer.dead_letter`: `publish` (copy with the reason, then ack) or `nack`.
     pub dead_letter: DeadLetter,
+    /// `consumer.batch_size`: deliveries whose callbacks share one database
+    /// transaction (group commit); 1 gives every message its own.
+    pub batch_size: usize,
+    /// `consumer.batch_wait`: how long a batch waits to fill once its first
+    /// delivery is in (seconds, fractions allowed).
+    pub batch_wait: Duration,
+}
+
+impl ConsumerSettings {
+    /// The prefetch asked of the broker: `consumer.prefetch`, raised so every
+    /// lane can fill a batch while the one before it commits (2 × batch size
+    /// per lane).
+    pub fn effective_prefetch(&self) -> u16 {
+        if self.batch_size <= 1 {
+            return self.prefetch;
+        }
+        let wanted = self
+            .batch_size
+            .saturating_mul(2)
+            .saturating_mul(self.concurrency);
+        u16::try_from(wanted).unwrap_or(u16::MAX).max(self.prefetch)
+    }
 }
 
 /// Deleting old rows.
@@ -204,6 +230,8 @@ impl Default for Settings {
                 queue_type: QueueType::Classic,
                 delivery_limit: 20,
                 dead_letter: DeadLetter::Publish,
+                batch_size: 32,
+                batch_wait: Duration::from_millis(2),
             },
             retention: RetentionSettings {
                 days_to_keep: 30,
@@ -324,6 +352,12 @@ const KEYS: &[(&str, Setter)] = &[
             _ => return Err("one of \"publish\", \"nack\"".to_owned()),
         };
         Ok(())
+    }),
+    ("consumer.batch_size", |s, v| {
+        set_int(&mut s.consumer.batch_size, v, 1, MAX_BATCH as u64)
+    }),
+    ("consumer.batch_wait", |s, v| {
+        set_secs(&mut s.consumer.batch_wait, v)
     }),
     ("retention.days_to_keep", |s, v| {
         set_int(&mut s.retention.days_to_keep, v, 1, 36_500)
@@ -722,6 +756,32 @@ mod tests {
             Settings::from_sources(None, env(&[("AMQP_URL", "amqp://u:Sup3rS3cret@h/v")])).unwrap()
         );
         assert!(!debug.contains("Sup3rS3cret"), "{debug}");
+    }
+
+    #[test]
+    fn batches_are_settable_and_raise_the_prefetch() {
+        let s = Settings::from_sources(
+            Some((
+                "outbox.toml",
+                "[consumer]\nbatch_size = 50\nbatch_wait = 0.005\nconcurrency = 2\n",
+            )),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!(s.consumer.batch_size, 50);
+        assert_eq!(s.consumer.batch_wait, Duration::from_millis(5));
+        assert_eq!(s.consumer.effective_prefetch(), 200);
+        let mut one = s.consumer.clone();
+        one.batch_size = 1;
+        assert_eq!(
+            one.effective_prefetch(),
+            one.prefetch,
+            "batch_size 1 keeps prefetch"
+        );
+        let err = Settings::from_sources(None, env(&[("OUTBOX_CONSUMER_BATCH_SIZE", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("consumer.batch_size"), "{err}");
     }
 
     #[test]

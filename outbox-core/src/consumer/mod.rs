@@ -5,7 +5,9 @@
 //! decodes deliveries and settles them; everything here is about the
 //! message and the database.
 
+mod batch;
 mod callback;
+mod inbox;
 mod payload;
 
 pub use callback::CallbackEntry;
@@ -16,10 +18,10 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::DatabaseConnection;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -29,7 +31,6 @@ use crate::backoff::Backoff;
 use crate::broker::{
     Delivery, QueueDeclaration, Settle, Settler, Subscription, SubscriptionSpec, Transport,
 };
-use crate::entity::received;
 use crate::metrics::Metrics;
 use crate::retention::{Retention, Table};
 use crate::{
@@ -199,7 +200,7 @@ impl Consumer {
         let transport = self.transport()?;
         let spec = self.spec();
         let mut backoff = Backoff::new(settings.broker.maximum_backoff);
-        info!(consumer = %self.shared.name, broker = %transport.endpoint(), destination = %self.destination, queue = %self.queue, prefetch = settings.consumer.prefetch, concurrency = settings.consumer.concurrency, "consumer started");
+        info!(consumer = %self.shared.name, broker = %transport.endpoint(), destination = %self.destination, queue = %self.queue, prefetch = settings.consumer.effective_prefetch(), concurrency = settings.consumer.concurrency, batch_size = settings.consumer.batch_size, batch_wait = ?settings.consumer.batch_wait, "consumer started");
         let mut consumed_before = false;
         while !shutdown.is_triggered() {
             let subscription = match transport.subscribe(&spec).await {
@@ -271,21 +272,46 @@ impl Consumer {
                 },
                 () = shutdown.wait() => break Ok(()),
             };
-            let delivery = tokio::select! {
+            let first = tokio::select! {
                 next = subscription.next() => next,
                 () = shutdown.wait() => break Ok(()),
             };
-            match delivery {
-                Ok(delivery) => {
-                    let shared = Arc::clone(&self.shared);
-                    let destination = self.destination.clone();
-                    let settler = settler.clone();
-                    in_flight.spawn(async move {
-                        handle(&shared, &destination, delivery, &settler).await;
-                        drop(permit);
-                    });
-                }
+            let taken = std::time::Instant::now();
+            let mut deliveries = match first {
+                Ok(delivery) => vec![delivery],
                 Err(err) => break Err(err),
+            };
+            // Fill the batch for at most batch_wait; on shutdown the
+            // deliveries already taken are still handled.
+            let mut broken = None;
+            let deadline = tokio::time::Instant::now() + settings.consumer.batch_wait;
+            while deliveries.len() < settings.consumer.batch_size {
+                tokio::select! {
+                    biased;
+                    next = subscription.next() => match next {
+                        Ok(delivery) => deliveries.push(delivery),
+                        Err(err) => {
+                            broken = Some(err);
+                            break;
+                        }
+                    },
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = shutdown.wait() => break,
+                }
+            }
+            let shared = Arc::clone(&self.shared);
+            let destination = self.destination.clone();
+            let settler = settler.clone();
+            in_flight.spawn(async move {
+                batch::handle(&shared, &destination, deliveries, &settler, taken).await;
+                shared
+                    .retention
+                    .maybe_spawn(&shared.db, Table::Received)
+                    .await;
+                drop(permit);
+            });
+            if let Some(err) = broken {
+                break Err(err);
             }
         };
         if outcome.is_ok() {
@@ -342,30 +368,9 @@ impl Consumer {
     }
 }
 
-/// One delivery, start to settle.
-async fn handle(shared: &Shared, destination: &Destination, delivery: Delivery, settler: &Settler) {
-    let started = Instant::now();
-    let tag = delivery.tag;
-    let msg_id = message_id(&delivery);
-    let decision = match &msg_id {
-        Some(id) if id.len() > MAX_MSG_ID_LEN => Decision::Nack(format!(
-            "the message id is {} characters; the inbox (`received.msg_id`) holds at most {MAX_MSG_ID_LEN}",
-            id.len()
-        )),
-        _ => {
-            let correlation_id = correlation_id(&delivery.headers, msg_id.as_deref());
-            decide(
-                shared,
-                destination,
-                delivery,
-                msg_id.clone(),
-                correlation_id,
-            )
-            .await
-        }
-    };
-    shared.metrics.handle_latency.observe(started.elapsed());
-    let id = msg_id.as_deref().unwrap_or("<none>");
+/// Count and log `decision`, then settle delivery `tag` with it.
+fn settle(shared: &Shared, settler: &Settler, tag: u64, msg_id: Option<&str>, decision: Decision) {
+    let id = msg_id.unwrap_or("<none>");
     let settle = match decision {
         Decision::Saved => {
             shared.report.saved.fetch_add(1, Ordering::Relaxed);
@@ -387,104 +392,117 @@ async fn handle(shared: &Shared, destination: &Destination, delivery: Delivery, 
         Decision::Requeue(reason) => {
             shared.report.requeued.fetch_add(1, Ordering::Relaxed);
             shared.database_down.store(true, Ordering::Release);
-            warn!(msg_id = id, error = %reason, "database unreachable after the retries; the message goes back to the queue");
+            warn!(msg_id = id, error = %reason, "database unreachable; the message goes back to the queue");
             Settle::Retry
         }
     };
     settler.settle(tag, settle);
-    shared
-        .retention
-        .maybe_spawn(&shared.db, Table::Received)
-        .await;
 }
 
-async fn decide(
+/// The payload a callback gets for `delivery`.
+fn payload(
     shared: &Shared,
-    destination: &Destination,
+    delivery: &Delivery,
+    msg_id: &Option<String>,
+    correlation_id: &str,
+    batch: Option<Arc<payload::BatchTxn>>,
+) -> Payload {
+    let payload = Payload::new(
+        Arc::new(delivery.body.clone()),
+        delivery.headers.clone(),
+        msg_id.clone(),
+        correlation_id.to_owned(),
+        shared.db.clone(),
+        batch,
+        shared.next_token.fetch_add(1, Ordering::Relaxed),
+    );
+    if let Some(err) = payload.body_error() {
+        debug!(
+            msg_id = msg_id.as_deref().unwrap_or("<none>"),
+            error = err,
+            "body is not JSON; the callback gets it as a string"
+        );
+    }
+    payload
+}
+
+/// What one run of a callback came to.
+enum Ran {
+    Decided(Decision),
+    /// A database error another try may cure.
+    Transient(String),
+    /// An error or a panic: the message fails.
+    Failed(String),
+}
+
+/// Run the callback on `payload` under its correlation id, catching panics.
+async fn call(
+    shared: &Shared,
+    payload: Payload,
+    correlation_id: &str,
+    msg_id: Option<&str>,
+) -> Ran {
+    let id = msg_id.unwrap_or("<none>");
+    let token = payload.token();
+    // The call itself inside the future: a closure that panics before
+    // returning its future is caught like one that panics later.
+    let callback = &shared.callback;
+    let run = with_correlation_id(correlation_id.to_owned(), async move {
+        callback.call(payload).await
+    });
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(Ok(handled)) if handled.token == token => Ran::Decided(handled.decision),
+        Ok(Ok(_)) => {
+            error!(msg_id = %id, "the callback returned the decision of another message; rejecting");
+            Ran::Failed("callback returned a decision made for another payload".to_owned())
+        }
+        Ok(Err(err)) if is_transient(err.as_ref()) => Ran::Transient(report(err.as_ref())),
+        Ok(Err(err)) => Ran::Failed(format!("callback failed: {}", report(err.as_ref()))),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".to_owned());
+            Ran::Failed(format!("callback panicked: {text}"))
+        }
+    }
+}
+
+/// One message in a transaction of its own, with retries after transient
+/// database errors (every message of a batch that could not commit
+/// together). `failed` is a transient error its first run already hit.
+async fn alone(
+    shared: &Shared,
     delivery: Delivery,
     msg_id: Option<String>,
     correlation_id: String,
+    mut failed: Option<String>,
 ) -> Decision {
     let settings = &shared.settings.consumer;
     let id = msg_id.as_deref().unwrap_or("<none>").to_owned();
     let mut attempt = 0;
-    let Delivery { headers, body, .. } = delivery;
-    let body = Arc::new(body);
     loop {
-        match already_received(&shared.db, msg_id.as_deref()).await {
-            Ok(true) => {
-                debug!(msg_id = %id, "message already received; acking without running the callback");
-                return Decision::Duplicate;
-            }
-            Ok(false) => {}
-            Err(err) if err.is_transient() => {
-                if attempt < settings.max_retry_attempts {
-                    attempt += 1;
-                    retry_wait(settings.retry_wait, attempt, &id, report(&err)).await;
-                    continue;
-                }
-                return Decision::Requeue(report(&err));
-            }
-            Err(err) => {
-                return Decision::Nack(format!("cannot check for duplicates: {}", report(&err)));
-            }
-        }
-        if msg_id.is_none() {
-            warn!(destination = %destination, "message has no cap-msg-id, dop-msg-id or message_id; it cannot be deduplicated");
-        }
-        let token = shared.next_token.fetch_add(1, Ordering::Relaxed);
-        let payload = Payload::new(
-            Arc::clone(&body),
-            headers.clone(),
-            msg_id.clone(),
-            correlation_id.clone(),
-            shared.db.clone(),
-            token,
-        );
-        if let Some(err) = payload.body_error() {
-            debug!(msg_id = %id, error = err, "body is not JSON; the callback gets it as a string");
-        }
-        // The call itself inside the future: a closure that panics before
-        // returning its future is caught like one that panics later.
-        let callback = &shared.callback;
-        let run = with_correlation_id(correlation_id.clone(), {
-            let payload = payload.clone();
-            async move { callback.call(payload).await }
-        });
-        match AssertUnwindSafe(run).catch_unwind().await {
-            Ok(Ok(handled)) if handled.token == payload.token() => return handled.decision,
-            Ok(Ok(_)) => {
-                error!(msg_id = %id, "the callback returned the decision of another message; rejecting");
-                return Decision::Nack(
-                    "callback returned a decision made for another payload".to_owned(),
-                );
-            }
-            Ok(Err(err)) if is_transient(err.as_ref()) => {
-                let text = report(err.as_ref());
-                drop(err);
-                if attempt < settings.max_retry_attempts {
-                    attempt += 1;
-                    retry_wait(settings.retry_wait, attempt, &id, text).await;
-                    continue;
-                }
+        if let Some(text) = failed.take() {
+            if attempt >= settings.max_retry_attempts {
                 return Decision::Requeue(text);
             }
-            Ok(Err(err)) => {
-                let text = report(err.as_ref());
-                error!(msg_id = %id, error = %text, "callback failed");
-                return Decision::Nack(format!("callback failed: {text}"));
-            }
-            Err(panic) => {
-                let text = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".to_owned());
-                error!(msg_id = %id, panic = %text, "callback panicked");
-                return Decision::Nack(format!("callback panicked: {text}"));
-            }
+            attempt += 1;
+            retry_wait(settings.retry_wait, attempt, &id, text).await;
+        }
+        let payload = payload(shared, &delivery, &msg_id, &correlation_id, None);
+        match call(shared, payload, &correlation_id, msg_id.as_deref()).await {
+            Ran::Decided(decision) => return decision,
+            Ran::Transient(text) => failed = Some(text),
+            Ran::Failed(text) => return failure(&id, text),
         }
     }
+}
+
+/// A callback's error or panic: logged, then to the dead-letter queue.
+fn failure(id: &str, text: String) -> Decision {
+    error!(msg_id = %id, error = %text, "callback failed");
+    Decision::Nack(text)
 }
 
 /// Linear waits like django-outbox-pattern 3.2.1: 2 s, 4 s, 6 s by default.
@@ -502,20 +520,6 @@ fn is_transient(err: &(dyn std::error::Error + 'static)) -> bool {
         return crate::error::is_transient_db(err);
     }
     false
-}
-
-async fn already_received(db: &DatabaseConnection, msg_id: Option<&str>) -> Result<bool> {
-    let Some(msg_id) = msg_id else {
-        return Ok(false);
-    };
-    let found: Option<Uuid> = received::Entity::find()
-        .select_only()
-        .column(received::Column::Id)
-        .filter(received::Column::MsgId.eq(msg_id))
-        .into_tuple()
-        .one(db)
-        .await?;
-    Ok(found.is_some())
 }
 
 /// The first of `cap-msg-id`, `dop-msg-id`, the transport's message id that is not empty.

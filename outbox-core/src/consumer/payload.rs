@@ -2,16 +2,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{Duration, SubsecRound, Utc};
 use sea_orm::prelude::async_trait::async_trait;
 use sea_orm::{
     AccessMode, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    EntityTrait, ExecResult, IntoActiveModel, IsolationLevel, QueryResult, SqlErr, Statement,
-    TransactionError, TransactionOptions, TransactionTrait,
+    ExecResult, IsolationLevel, QueryResult, Statement, TransactionError, TransactionOptions,
+    TransactionTrait,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use crate::entity::received;
@@ -64,7 +66,46 @@ struct Inner {
     msg_id: Option<String>,
     correlation_id: String,
     db: DatabaseConnection,
+    /// Set when the payload runs in a batch: the batch's transaction, which
+    /// already holds this message's `received` row.
+    batch: Option<Arc<BatchTxn>>,
     token: u64,
+}
+
+/// One transaction shared by a batch's callbacks, run one after another.
+/// The batch takes it back to commit; a handle used after that errors.
+#[derive(Debug)]
+pub(crate) struct BatchTxn {
+    txn: Mutex<Option<DatabaseTransaction>>,
+    backend: DbBackend,
+    returning: bool,
+    /// A callback ended its transaction without saving: the batch must not
+    /// commit, and each message runs again alone.
+    abandoned: AtomicBool,
+}
+
+impl BatchTxn {
+    /// Empty until [`BatchTxn::put`]: the payloads are made before the
+    /// transaction begins.
+    pub(crate) fn new(db: &DatabaseConnection) -> BatchTxn {
+        BatchTxn {
+            backend: db.get_database_backend(),
+            returning: db.support_returning(),
+            txn: Mutex::new(None),
+            abandoned: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) async fn put(&self, txn: DatabaseTransaction) {
+        *self.txn.lock().await = Some(txn);
+    }
+
+    /// The transaction, unless a callback gave it up; handles held after
+    /// this get [`Error::TransactionOver`].
+    pub(crate) async fn take(&self) -> Option<DatabaseTransaction> {
+        let txn = self.txn.lock().await.take();
+        txn.filter(|_| !self.abandoned.load(Ordering::Acquire))
+    }
 }
 
 impl Payload {
@@ -74,6 +115,7 @@ impl Payload {
         msg_id: Option<String>,
         correlation_id: String,
         db: DatabaseConnection,
+        batch: Option<Arc<BatchTxn>>,
         token: u64,
     ) -> Payload {
         // As in the Python library: a body that is not JSON reaches the
@@ -94,6 +136,7 @@ impl Payload {
                 msg_id,
                 correlation_id,
                 db,
+                batch,
                 token,
             }),
         }
@@ -147,10 +190,16 @@ impl Payload {
 
     /// Begin the transaction to write business data in; finish with
     /// [`Payload::save`]. It is a SeaORM connection: pass `&txn` to
-    /// `insert`, `update`, queries and `insert_and_publish`.
+    /// `insert`, `update`, queries and `insert_and_publish`. In a batch
+    /// (`consumer.batch_size` > 1) it is the batch's transaction, which
+    /// commits once every callback of the batch has saved.
     pub async fn begin(&self) -> Result<Transaction> {
+        let conn = match &self.inner.batch {
+            Some(shared) => Conn::Batch(Arc::clone(shared)),
+            None => Conn::Own(self.inner.db.begin().await?),
+        };
         Ok(Transaction {
-            inner: self.inner.db.begin().await?,
+            conn: Some(conn),
             token: self.inner.token,
         })
     }
@@ -159,29 +208,33 @@ impl Payload {
     /// writes and the deduplication row commit together, and the ack is sent
     /// after the commit. If another delivery of the same message committed
     /// first, `txn` is rolled back and the message is acked as a duplicate.
-    /// `txn` must come from this payload's [`Payload::begin`].
-    pub async fn save(&self, txn: Transaction) -> Result<Handled> {
+    /// `txn` must come from this payload's [`Payload::begin`]. In a batch the
+    /// commit is the batch's, after the last callback.
+    pub async fn save(&self, mut txn: Transaction) -> Result<Handled> {
         if txn.token != self.inner.token {
-            let _ = txn.inner.rollback().await;
             return Err(Error::ForeignTransaction);
         }
-        let txn = txn.inner;
-        match received::Entity::insert(self.received_row().into_active_model())
-            .exec_without_returning(&txn)
-            .await
-        {
-            Ok(_) => {
-                txn.commit().await?;
-                Ok(self.decide(Decision::Saved))
+        match txn.conn.take() {
+            // The batch wrote the received row before the callbacks ran.
+            Some(Conn::Batch(_)) => Ok(self.decide(Decision::Saved)),
+            Some(Conn::Own(txn)) => {
+                let row = self.received_row();
+                match super::inbox::insert_new(&txn, vec![row]).await {
+                    Ok(inserted) if inserted.is_empty() => {
+                        txn.rollback().await?;
+                        Ok(self.decide(Decision::Duplicate))
+                    }
+                    Ok(_) => {
+                        txn.commit().await?;
+                        Ok(self.decide(Decision::Saved))
+                    }
+                    Err(err) => {
+                        let _ = txn.rollback().await;
+                        Err(err)
+                    }
+                }
             }
-            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                txn.rollback().await?;
-                Ok(self.decide(Decision::Duplicate))
-            }
-            Err(err) => {
-                let _ = txn.rollback().await;
-                Err(err.into())
-            }
+            None => Err(Error::TransactionOver),
         }
     }
 
@@ -207,7 +260,7 @@ impl Payload {
         self.inner.token
     }
 
-    fn received_row(&self) -> received::Model {
+    pub(crate) fn received_row(&self) -> received::Model {
         let now = Utc::now().trunc_subsecs(6);
         received::Model {
             id: Uuid::new_v4(),
@@ -230,47 +283,99 @@ impl Payload {
 
 /// The transaction a callback writes in: begun by [`Payload::begin`], ended
 /// by [`Payload::save`] (which commits it with the inbox row) or by dropping
-/// it (which rolls it back). Use `&txn` wherever SeaORM takes a connection.
+/// it (which rolls it back; in a batch, the batch rolls back and each of its
+/// messages runs again alone). Use `&txn` wherever SeaORM takes a connection.
 #[derive(Debug)]
 pub struct Transaction {
-    inner: DatabaseTransaction,
+    conn: Option<Conn>,
     token: u64,
+}
+
+#[derive(Debug)]
+enum Conn {
+    Own(DatabaseTransaction),
+    Batch(Arc<BatchTxn>),
 }
 
 impl Transaction {
     /// Roll back explicitly (dropping it also rolls back, later).
-    pub async fn rollback(self) -> Result<()> {
-        Ok(self.inner.rollback().await?)
+    pub async fn rollback(mut self) -> Result<()> {
+        match self.conn.take() {
+            Some(Conn::Own(txn)) => Ok(txn.rollback().await?),
+            Some(Conn::Batch(shared)) => {
+                shared.abandoned.store(true, Ordering::Release);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
+
+    fn backend(&self) -> DbBackend {
+        match &self.conn {
+            Some(Conn::Own(txn)) => txn.get_database_backend(),
+            Some(Conn::Batch(shared)) => shared.backend,
+            None => DbBackend::Postgres,
+        }
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        if let Some(Conn::Batch(shared)) = &self.conn {
+            shared.abandoned.store(true, Ordering::Release);
+        }
+    }
+}
+
+fn over() -> DbErr {
+    DbErr::Custom(Error::TransactionOver.to_string())
+}
+
+/// Run `$call` on the transaction behind `$self`, whichever kind it is.
+macro_rules! on_txn {
+    ($self:ident, |$txn:ident| $call:expr) => {
+        match &$self.conn {
+            Some(Conn::Own($txn)) => $call.await,
+            Some(Conn::Batch(shared)) => match shared.txn.lock().await.as_ref() {
+                Some($txn) => $call.await,
+                None => Err(over()),
+            },
+            None => Err(over()),
+        }
+    };
 }
 
 #[async_trait]
 impl ConnectionTrait for Transaction {
     fn get_database_backend(&self) -> DbBackend {
-        self.inner.get_database_backend()
+        self.backend()
     }
 
     async fn execute_raw(&self, stmt: Statement) -> std::result::Result<ExecResult, DbErr> {
-        self.inner.execute_raw(stmt).await
+        on_txn!(self, |txn| txn.execute_raw(stmt))
     }
 
     async fn execute_unprepared(&self, sql: &str) -> std::result::Result<ExecResult, DbErr> {
-        self.inner.execute_unprepared(sql).await
+        on_txn!(self, |txn| txn.execute_unprepared(sql))
     }
 
     async fn query_one_raw(
         &self,
         stmt: Statement,
     ) -> std::result::Result<Option<QueryResult>, DbErr> {
-        self.inner.query_one_raw(stmt).await
+        on_txn!(self, |txn| txn.query_one_raw(stmt))
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> std::result::Result<Vec<QueryResult>, DbErr> {
-        self.inner.query_all_raw(stmt).await
+        on_txn!(self, |txn| txn.query_all_raw(stmt))
     }
 
     fn support_returning(&self) -> bool {
-        self.inner.support_returning()
+        match &self.conn {
+            Some(Conn::Own(txn)) => txn.support_returning(),
+            Some(Conn::Batch(shared)) => shared.returning,
+            None => false,
+        }
     }
 }
 
@@ -280,7 +385,7 @@ impl TransactionTrait for Transaction {
     type Transaction = DatabaseTransaction;
 
     async fn begin(&self) -> std::result::Result<DatabaseTransaction, DbErr> {
-        self.inner.begin().await
+        on_txn!(self, |txn| txn.begin())
     }
 
     async fn begin_with_config(
@@ -288,16 +393,15 @@ impl TransactionTrait for Transaction {
         isolation_level: Option<IsolationLevel>,
         access_mode: Option<AccessMode>,
     ) -> std::result::Result<DatabaseTransaction, DbErr> {
-        self.inner
-            .begin_with_config(isolation_level, access_mode)
-            .await
+        on_txn!(self, |txn| txn
+            .begin_with_config(isolation_level, access_mode))
     }
 
     async fn begin_with_options(
         &self,
         options: TransactionOptions,
     ) -> std::result::Result<DatabaseTransaction, DbErr> {
-        self.inner.begin_with_options(options).await
+        on_txn!(self, |txn| txn.begin_with_options(options))
     }
 
     async fn transaction<F, T, E>(&self, callback: F) -> std::result::Result<T, TransactionError<E>>
@@ -310,7 +414,14 @@ impl TransactionTrait for Transaction {
         T: Send,
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
-        self.inner.transaction(callback).await
+        match &self.conn {
+            Some(Conn::Own(txn)) => txn.transaction(callback).await,
+            Some(Conn::Batch(shared)) => match shared.txn.lock().await.as_ref() {
+                Some(txn) => txn.transaction(callback).await,
+                None => Err(TransactionError::Connection(over())),
+            },
+            None => Err(TransactionError::Connection(over())),
+        }
     }
 
     async fn transaction_with_config<F, T, E>(
@@ -328,8 +439,19 @@ impl TransactionTrait for Transaction {
         T: Send,
         E: std::fmt::Display + std::fmt::Debug + Send,
     {
-        self.inner
-            .transaction_with_config(callback, isolation_level, access_mode)
-            .await
+        match &self.conn {
+            Some(Conn::Own(txn)) => {
+                txn.transaction_with_config(callback, isolation_level, access_mode)
+                    .await
+            }
+            Some(Conn::Batch(shared)) => match shared.txn.lock().await.as_ref() {
+                Some(txn) => {
+                    txn.transaction_with_config(callback, isolation_level, access_mode)
+                        .await
+                }
+                None => Err(TransactionError::Connection(over())),
+            },
+            None => Err(TransactionError::Connection(over())),
+        }
     }
 }

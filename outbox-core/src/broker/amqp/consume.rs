@@ -69,7 +69,10 @@ impl AmqpSubscription {
         let declaration = topology::declare_subscription(amqp, &channel, spec).await?;
         amqp.call(
             "basic.qos",
-            channel.basic_qos(spec.consumer.prefetch, BasicQosOptions::default()),
+            channel.basic_qos(
+                spec.consumer.effective_prefetch(),
+                BasicQosOptions::default(),
+            ),
         )
         .await?;
         let tag = format!("outbox-{}", Uuid::new_v4().simple());

@@ -308,7 +308,7 @@ impl MemoryBroker {
             broker: self.clone(),
             declaration,
             epoch,
-            prefetch: usize::from(spec.consumer.prefetch.max(1)),
+            prefetch: usize::from(spec.consumer.effective_prefetch().max(1)),
             settler,
             settling,
         })

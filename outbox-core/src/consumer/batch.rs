@@ -1,0 +1,259 @@
+//! Group commit: a batch of deliveries → their `received` rows in one
+//! statement → their callbacks, one after another, in that one transaction
+//! → one commit → the acks.
+//!
+//! Without savepoints: when any callback of the batch does not save (it
+//! nacks, fails, panics or drops its transaction), the batch rolls back and
+//! each of its new messages runs again alone, in a transaction of its own,
+//! with the retries of a single message. A failed commit gives the whole
+//! batch back to the queue; the inbox skips whatever did commit.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sea_orm::TransactionTrait;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use super::payload::{BatchTxn, Decision};
+use super::{MAX_MSG_ID_LEN, Ran, Shared, correlation_id, inbox, message_id};
+use crate::broker::{Delivery, Settler};
+use crate::{Destination, Payload, report};
+
+/// One delivery of a batch, with what the consumer derived from it.
+struct Member {
+    delivery: Delivery,
+    msg_id: Option<String>,
+    correlation_id: String,
+    payload: Payload,
+}
+
+/// What running a batch together came to.
+enum Together {
+    /// Committed: one decision per member.
+    Committed(Vec<Decision>),
+    /// Not committed because a callback did not save (or the transaction
+    /// could not start): run each member alone, except these duplicates and
+    /// the one whose run stands.
+    Alone {
+        duplicates: HashSet<usize>,
+        stands: Option<(usize, Ran)>,
+    },
+    /// The commit failed: every member goes back to the queue.
+    Retry(String),
+}
+
+/// Handle `deliveries` (the first taken at `taken`), settling each.
+pub(super) async fn handle(
+    shared: &Shared,
+    destination: &Destination,
+    deliveries: Vec<Delivery>,
+    settler: &Settler,
+    taken: Instant,
+) {
+    let count = deliveries.len();
+    let mut pending = deliveries;
+    // A second delivery of an id already in this round waits for the next
+    // round: by then the first has committed (a duplicate) or has not.
+    while !pending.is_empty() {
+        pending = round(shared, destination, pending, settler).await;
+    }
+    // From the batch's first delivery to its last settle: the wait to fill
+    // the batch counts.
+    let elapsed = taken.elapsed();
+    for _ in 0..count {
+        shared.metrics.handle_latency.observe(elapsed);
+    }
+}
+
+/// One transaction's worth of `deliveries`; returns the repeats of an id
+/// seen earlier in them, for the next round.
+async fn round(
+    shared: &Shared,
+    destination: &Destination,
+    deliveries: Vec<Delivery>,
+    settler: &Settler,
+) -> Vec<Delivery> {
+    let mut members = Vec::with_capacity(deliveries.len());
+    let mut repeats = Vec::new();
+    let mut ids = HashSet::new();
+    let batch = Arc::new(BatchTxn::new(&shared.db));
+    for delivery in deliveries {
+        let msg_id = message_id(&delivery);
+        if let Some(id) = &msg_id {
+            if id.len() > MAX_MSG_ID_LEN {
+                let reason = format!(
+                    "the message id is {} characters; the inbox (`received.msg_id`) holds at most {MAX_MSG_ID_LEN}",
+                    id.len()
+                );
+                super::settle(
+                    shared,
+                    settler,
+                    delivery.tag,
+                    Some(id),
+                    Decision::Nack(reason),
+                );
+                continue;
+            }
+            if !ids.insert(id.clone()) {
+                repeats.push(delivery);
+                continue;
+            }
+        } else {
+            warn!(destination = %destination, "message has no cap-msg-id, dop-msg-id or message_id; it cannot be deduplicated");
+        }
+        let correlation_id = correlation_id(&delivery.headers, msg_id.as_deref());
+        members.push(Member {
+            payload: super::payload(
+                shared,
+                &delivery,
+                &msg_id,
+                &correlation_id,
+                Some(Arc::clone(&batch)),
+            ),
+            delivery,
+            msg_id,
+            correlation_id,
+        });
+    }
+    match run_together(shared, &members, &batch).await {
+        Together::Committed(decisions) => {
+            for (member, decision) in members.iter().zip(decisions) {
+                super::settle(
+                    shared,
+                    settler,
+                    member.delivery.tag,
+                    member.msg_id.as_deref(),
+                    decision,
+                );
+            }
+        }
+        Together::Retry(reason) => {
+            warn!(messages = members.len(), error = %reason, "the batch's commit failed; its messages go back to the queue");
+            for member in &members {
+                let decision = Decision::Requeue(reason.clone());
+                super::settle(
+                    shared,
+                    settler,
+                    member.delivery.tag,
+                    member.msg_id.as_deref(),
+                    decision,
+                );
+            }
+        }
+        Together::Alone {
+            duplicates,
+            mut stands,
+        } => {
+            for (index, member) in members.into_iter().enumerate() {
+                let Member {
+                    delivery,
+                    msg_id,
+                    correlation_id,
+                    ..
+                } = member;
+                let tag = delivery.tag;
+                let id = msg_id.as_deref().unwrap_or("<none>");
+                let ran = stands.take_if(|(at, _)| *at == index).map(|(_, ran)| ran);
+                let decision = match ran {
+                    _ if duplicates.contains(&index) => Decision::Duplicate,
+                    Some(Ran::Decided(decision)) => decision,
+                    Some(Ran::Failed(text)) => super::failure(id, text),
+                    Some(Ran::Transient(text)) => {
+                        super::alone(shared, delivery, msg_id.clone(), correlation_id, Some(text))
+                            .await
+                    }
+                    None => {
+                        super::alone(shared, delivery, msg_id.clone(), correlation_id, None).await
+                    }
+                };
+                super::settle(shared, settler, tag, msg_id.as_deref(), decision);
+            }
+        }
+    }
+    repeats
+}
+
+async fn run_together(shared: &Shared, members: &[Member], batch: &BatchTxn) -> Together {
+    let everyone = || Together::Alone {
+        duplicates: HashSet::new(),
+        stands: None,
+    };
+    if members.is_empty() {
+        return Together::Committed(Vec::new());
+    }
+    let txn = match shared.db.begin().await {
+        Ok(txn) => txn,
+        Err(err) => {
+            debug!(error = %report(&crate::Error::from(err)), "cannot begin the batch's transaction; running its messages alone");
+            return everyone();
+        }
+    };
+    let rows: Vec<_> = members.iter().map(|m| m.payload.received_row()).collect();
+    let row_ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    let inserted = match inbox::insert_new(&txn, rows).await {
+        Ok(inserted) => inserted,
+        Err(err) => {
+            debug!(error = %report(&err), "cannot write the batch's inbox rows; running its messages alone");
+            let _ = txn.rollback().await;
+            return everyone();
+        }
+    };
+    batch.put(txn).await;
+    let duplicates: HashSet<usize> = (0..members.len())
+        .filter(|&index| !inserted.contains(&row_ids[index]))
+        .collect();
+    let mut all_saved = true;
+    let mut stands = None;
+    let mut first = true;
+    for (index, member) in members.iter().enumerate() {
+        if duplicates.contains(&index) {
+            info!(
+                msg_id = member.msg_id.as_deref().unwrap_or("<none>"),
+                "message already received; acking without running the callback"
+            );
+            continue;
+        }
+        let ran = super::call(
+            shared,
+            member.payload.clone(),
+            &member.correlation_id,
+            member.msg_id.as_deref(),
+        )
+        .await;
+        if !matches!(ran, Ran::Decided(Decision::Saved)) {
+            all_saved = false;
+            // Its run stands when nothing else could have caused it: an
+            // explicit nack, or the transaction's first callback (so a batch
+            // of one runs its callback once, as without batching).
+            if first || matches!(ran, Ran::Decided(_)) {
+                stands = Some((index, ran));
+            }
+            break;
+        }
+        first = false;
+    }
+    let txn = batch.take().await;
+    let Some(txn) = txn.filter(|_| all_saved) else {
+        debug!(
+            messages = members.len(),
+            "a callback of the batch did not save; rolling back and running each message alone"
+        );
+        return Together::Alone { duplicates, stands };
+    };
+    match txn.commit().await {
+        Ok(()) => Together::Committed(
+            (0..members.len())
+                .map(|index| {
+                    if duplicates.contains(&index) {
+                        Decision::Duplicate
+                    } else {
+                        Decision::Saved
+                    }
+                })
+                .collect(),
+        ),
+        Err(err) => Together::Retry(report(&crate::Error::from(err))),
+    }
+}

@@ -1,0 +1,59 @@
+//! The inbox write: every `received` row of a batch in one statement that
+//! skips the ids already there, so deduplication costs no extra round trip
+//! and a racing delivery of the same id waits on the unique index instead of
+//! failing.
+
+use std::collections::HashSet;
+
+use sea_orm::sea_query::{OnConflict, Query};
+use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel, QueryTrait};
+use uuid::Uuid;
+
+use crate::Result;
+use crate::entity::received;
+
+/// Insert `rows`; the ids of those that went in (the others' `msg_id` was
+/// already received). Rows are written in `msg_id` order, so two batches
+/// holding the same ids lock them in the same order and cannot deadlock.
+pub(super) async fn insert_new(
+    conn: &impl ConnectionTrait,
+    mut rows: Vec<received::Model>,
+) -> Result<HashSet<Uuid>> {
+    if rows.is_empty() {
+        return Ok(HashSet::new());
+    }
+    rows.sort_by(|a, b| a.msg_id.cmp(&b.msg_id));
+    let backend = conn.get_database_backend();
+    let mut insert =
+        received::Entity::insert_many(rows.into_iter().map(IntoActiveModel::into_active_model))
+            .into_query();
+    let statement = match backend {
+        // MariaDB has no ON CONFLICT; INSERT IGNORE skips the duplicate keys
+        // and its RETURNING lists only the rows that went in.
+        DbBackend::MySql => {
+            let mut statement = backend.build(&insert);
+            statement.sql = format!(
+                "{} RETURNING `id`",
+                statement
+                    .sql
+                    .replacen("INSERT INTO", "INSERT IGNORE INTO", 1)
+            );
+            statement
+        }
+        _ => {
+            insert
+                .on_conflict(
+                    OnConflict::column(received::Column::MsgId)
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .returning(Query::returning().column(received::Column::Id));
+            backend.build(&insert)
+        }
+    };
+    let inserted = conn.query_all_raw(statement).await?;
+    inserted
+        .iter()
+        .map(|row| Ok(row.try_get::<Uuid>("", "id")?))
+        .collect()
+}
