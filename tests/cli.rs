@@ -49,7 +49,8 @@ async fn bad_input_gives_a_clear_error_and_exit_1() {
     assert!(!ok);
     assert!(
         stderr.contains("no callback registered as `my_app::nope`")
-            && stderr.contains("outbox_cli::callbacks::json_lines"),
+            && stderr.contains("outbox_cli::callbacks::json_lines")
+            && stderr.contains("add `use <your_crate> as _;`"),
         "{stderr}"
     );
 

@@ -147,7 +147,10 @@ pub enum Error {
     },
 
     /// No callback is registered under the path given to `subscribe`.
-    #[error("no callback registered as `{path}`; registered callbacks: {}", list_or_none(.registered))]
+    #[error(
+        "no callback registered as `{path}`; registered callbacks: {}; a `#[callback]` in a library crate is linked into a binary only when the binary uses that crate: add `use <your_crate> as _;` to its main.rs",
+        list_or_none(.registered)
+    )]
     UnknownCallback {
         /// The path asked for.
         path: String,
