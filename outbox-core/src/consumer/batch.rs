@@ -146,6 +146,9 @@ async fn round(
             duplicates,
             mut stands,
         } => {
+            // Once one message found the database unreachable past its
+            // retries, the rest go back to the queue without their own.
+            let mut down: Option<String> = None;
             for (index, member) in members.into_iter().enumerate() {
                 let Member {
                     delivery,
@@ -158,6 +161,7 @@ async fn round(
                 let ran = stands.take_if(|(at, _)| *at == index).map(|(_, ran)| ran);
                 let decision = match ran {
                     _ if duplicates.contains(&index) => Decision::Duplicate,
+                    _ if down.is_some() => Decision::Requeue(down.clone().unwrap_or_default()),
                     Some(Ran::Decided(decision)) => decision,
                     Some(Ran::Failed(text)) => super::failure(id, text),
                     Some(Ran::Transient(text)) => {
@@ -168,6 +172,9 @@ async fn round(
                         super::alone(shared, delivery, msg_id.clone(), correlation_id, None).await
                     }
                 };
+                if let Decision::Requeue(reason) = &decision {
+                    down = Some(reason.clone());
+                }
                 super::settle(shared, settler, tag, msg_id.as_deref(), decision);
             }
         }
@@ -234,14 +241,20 @@ async fn run_together(shared: &Shared, members: &[Member], batch: &BatchTxn) -> 
         }
         first = false;
     }
-    let txn = batch.take().await;
-    let Some(txn) = txn.filter(|_| all_saved) else {
+    let (txn, abandoned) = batch.take().await;
+    let Some(txn) = txn else {
+        return Together::Alone { duplicates, stands };
+    };
+    if !all_saved || abandoned {
         debug!(
             messages = members.len(),
             "a callback of the batch did not save; rolling back and running each message alone"
         );
+        // Roll back now: a dropped transaction would keep its locks until
+        // its connection is used again, and the reruns need those rows.
+        let _ = txn.rollback().await;
         return Together::Alone { duplicates, stands };
-    };
+    }
     match txn.commit().await {
         Ok(()) => Together::Committed(
             (0..members.len())

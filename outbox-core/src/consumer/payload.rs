@@ -100,11 +100,11 @@ impl BatchTxn {
         *self.txn.lock().await = Some(txn);
     }
 
-    /// The transaction, unless a callback gave it up; handles held after
-    /// this get [`Error::TransactionOver`].
-    pub(crate) async fn take(&self) -> Option<DatabaseTransaction> {
+    /// The transaction back, and whether a callback gave it up; handles
+    /// held after this get [`Error::TransactionOver`].
+    pub(crate) async fn take(&self) -> (Option<DatabaseTransaction>, bool) {
         let txn = self.txn.lock().await.take();
-        txn.filter(|_| !self.abandoned.load(Ordering::Acquire))
+        (txn, self.abandoned.load(Ordering::Acquire))
     }
 }
 
