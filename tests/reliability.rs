@@ -31,6 +31,7 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 /// A consumer that saves every message into its own database.
 struct Inbox {
     db: TestDb,
+    metrics: Arc<outbox_core::Metrics>,
     stop: outbox_core::ShutdownTrigger,
     task: JoinHandle<outbox_core::Result<ConsumerReport>>,
     queue: String,
@@ -60,12 +61,15 @@ impl Inbox {
             },
         )
         .unwrap();
+        let metrics = Arc::new(outbox_core::Metrics::default());
+        let consumer = consumer.with_metrics(Arc::clone(&metrics));
         let queue = consumer.queue().to_owned();
         consumer.declare().await.unwrap();
         let (stop, shutdown) = shutdown_channel();
         let task = tokio::spawn(consumer.run(shutdown));
         Inbox {
             db,
+            metrics,
             stop,
             task,
             queue,
@@ -483,8 +487,14 @@ async fn consumer_waits_out_a_database_outage() {
     let relay = tokio::spawn(Relay::new(outbox.db.clone(), settings(&outbox.url)).run(shutdown));
     inbox.wait_for(500, Duration::from_secs(60)).await;
     cluster.stop().await;
-    // The outage itself: longer than the consumer's retries (100 ms, once).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The outage lasts until it outlasted the consumer's retries (100 ms,
+    // once, after the pool's wait for a connection): something was given back.
+    eventually(
+        Duration::from_secs(120),
+        "the consumer giving messages back",
+        || async { outbox_core::Metrics::get(&inbox.metrics.requeued) > 0 },
+    )
+    .await;
     cluster.up().await;
     inbox.wait_for(total as u64, Duration::from_secs(180)).await;
     stop_relay.trigger();

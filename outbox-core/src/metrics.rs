@@ -99,7 +99,10 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     /// Messages the consumer sent to the dead-letter queue.
     pub dead_lettered: AtomicU64,
-    /// Callback duration, including its transaction.
+    /// Messages the consumer gave back to the queue (database unreachable,
+    /// or their batch's commit failed).
+    pub requeued: AtomicU64,
+    /// From taking a message (the first of its batch) to settling it.
     pub handle_latency: Histogram,
 }
 
@@ -147,6 +150,11 @@ impl Metrics {
                 "outbox_dead_lettered_total",
                 "Messages rejected to the dead-letter queue.",
                 &self.dead_lettered,
+            ),
+            (
+                "outbox_requeued_total",
+                "Messages the consumer gave back to the queue because the database was unreachable or a batch's commit failed.",
+                &self.requeued,
             ),
         ];
         for (name, help, value) in counters {

@@ -391,6 +391,7 @@ fn settle(shared: &Shared, settler: &Settler, tag: u64, msg_id: Option<&str>, de
         }
         Decision::Requeue(reason) => {
             shared.report.requeued.fetch_add(1, Ordering::Relaxed);
+            Metrics::add(&shared.metrics.requeued, 1);
             shared.database_down.store(true, Ordering::Release);
             warn!(msg_id = id, error = %reason, "database unreachable; the message goes back to the queue");
             Settle::Retry
