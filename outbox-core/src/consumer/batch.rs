@@ -31,8 +31,9 @@ struct Member {
 
 /// What running a batch together came to.
 enum Together {
-    /// Committed: one decision per member.
-    Committed(Vec<Decision>),
+    /// One decision per member: saved or duplicate after the commit, or all
+    /// back to the queue when the commit failed.
+    Decided(Vec<Decision>),
     /// Not committed because a callback did not save (or the transaction
     /// could not start): run each member alone, except these duplicates and
     /// the one whose run stands.
@@ -40,8 +41,6 @@ enum Together {
         duplicates: HashSet<usize>,
         stands: Option<(usize, Ran)>,
     },
-    /// The commit failed: every member goes back to the queue.
-    Retry(String),
 }
 
 /// Handle `deliveries` (the first taken at `taken`), settling each.
@@ -118,21 +117,8 @@ async fn round(
         });
     }
     match run_together(shared, &members, &batch).await {
-        Together::Committed(decisions) => {
+        Together::Decided(decisions) => {
             for (member, decision) in members.iter().zip(decisions) {
-                super::settle(
-                    shared,
-                    settler,
-                    member.delivery.tag,
-                    member.msg_id.as_deref(),
-                    decision,
-                );
-            }
-        }
-        Together::Retry(reason) => {
-            warn!(messages = members.len(), error = %reason, "the batch's commit failed; its messages go back to the queue");
-            for member in &members {
-                let decision = Decision::Requeue(reason.clone());
                 super::settle(
                     shared,
                     settler,
@@ -188,7 +174,7 @@ async fn run_together(shared: &Shared, members: &[Member], batch: &BatchTxn) -> 
         stands: None,
     };
     if members.is_empty() {
-        return Together::Committed(Vec::new());
+        return Together::Decided(Vec::new());
     }
     let txn = match shared.db.begin().await {
         Ok(txn) => txn,
@@ -255,18 +241,21 @@ async fn run_together(shared: &Shared, members: &[Member], batch: &BatchTxn) -> 
         let _ = txn.rollback().await;
         return Together::Alone { duplicates, stands };
     }
-    match txn.commit().await {
-        Ok(()) => Together::Committed(
-            (0..members.len())
-                .map(|index| {
-                    if duplicates.contains(&index) {
-                        Decision::Duplicate
-                    } else {
-                        Decision::Saved
-                    }
-                })
-                .collect(),
-        ),
-        Err(err) => Together::Retry(report(&crate::Error::from(err))),
-    }
+    let decisions = match txn.commit().await {
+        Ok(()) => (0..members.len())
+            .map(|index| {
+                if duplicates.contains(&index) {
+                    Decision::Duplicate
+                } else {
+                    Decision::Saved
+                }
+            })
+            .collect(),
+        Err(err) => {
+            let reason = report(&crate::Error::from(err));
+            warn!(messages = members.len(), error = %reason, "the batch's commit failed; its messages go back to the queue");
+            vec![Decision::Requeue(reason); members.len()]
+        }
+    };
+    Together::Decided(decisions)
 }
