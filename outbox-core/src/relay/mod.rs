@@ -12,13 +12,13 @@
 mod claim;
 mod envelope;
 mod listen;
+mod marking;
 mod schedule;
 mod window;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
 use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -33,6 +33,7 @@ use crate::retention::{Retention, Table};
 use crate::{Error, Result, Settings, Shutdown, report};
 
 use claim::{Backlog, Claim, Store};
+use marking::{Marked, Marking};
 use window::{Flight, Marks, Window};
 
 /// What a relay run did.
@@ -148,7 +149,13 @@ impl Relay {
         };
         let wake = Arc::new(Notify::new());
         let listener = self.spawn_listener(&wake);
-        let mut run = Run::new(&self.settings, Arc::clone(&self.metrics));
+        let marking = Marking::new(
+            self.store.clone(),
+            self.name.clone(),
+            self.clock.clone(),
+            self.lease(),
+        );
+        let mut run = Run::new(&self.settings, Arc::clone(&self.metrics), marking);
         info!(
             relay = %self.name,
             broker = %transport.endpoint(),
@@ -398,8 +405,15 @@ impl Relay {
         let Some(publisher) = run.publisher.as_mut() else {
             return Ok(());
         };
-        let (outcomes, ahead) = tokio::join!(
-            tokio::time::timeout(renew_in, publisher.outcomes()),
+        let marking = &mut run.marking;
+        let (woke, ahead) = tokio::join!(
+            async {
+                tokio::select! {
+                    outcomes = tokio::time::timeout(renew_in, publisher.outcomes()) => Woke::Outcomes(outcomes),
+                    // A round of marks written: the next starts, and there is room to claim.
+                    marked = marking.written() => Woke::Written(marked),
+                }
+            },
             async {
                 if claim_ahead {
                     Some(self.claim(limit).await)
@@ -416,6 +430,13 @@ impl Relay {
             }
             None => {}
         }
+        let outcomes = match woke {
+            Woke::Outcomes(outcomes) => outcomes,
+            Woke::Written(marked) => {
+                run.counted(marked);
+                return Ok(());
+            }
+        };
         match outcomes {
             // Nothing arrived in time: renew, then wait again.
             Err(_) => Ok(()),
@@ -441,19 +462,17 @@ impl Relay {
         }
     }
 
-    /// Count, log and write the marks of one round (one mark at a time, so
-    /// what a crash can send twice stays bounded by `max_in_flight`).
+    /// Count and log the marks of one round of outcomes, and have them
+    /// written (they count against `max_in_flight` until they are).
     async fn record(&self, run: &mut Run, marks: Marks) {
         if marks.is_empty() {
             return;
         }
         let now = self.clock.now();
-        let sent = marks.sent_added.len() as u64;
         for added in &marks.sent_added {
             let latency = (now - *added).to_std().unwrap_or_default();
             self.metrics.publish_latency.observe(latency);
         }
-        let _ = sent;
         // One warning per distinct reason and round: an unbound destination
         // can fail a whole batch, and a line per message would drown the log.
         let mut reasons: std::collections::BTreeMap<&str, (u64, Uuid)> = Default::default();
@@ -464,16 +483,8 @@ impl Relay {
         for (reason, (count, example)) in reasons {
             warn!(messages = count, example_id = %example, error = %reason, "publish attempts failed; will retry on schedule");
         }
-        run.finish_marking().await;
-        run.marking_rows = marks.rows();
-        let store = self.store.clone();
-        let name = self.name.clone();
-        let deadline = self.clock.now()
-            + chrono::Duration::from_std(self.settings.relay.claim_lease).unwrap_or_default();
-        let clock = self.clock.clone();
-        run.marking = Some(tokio::spawn(async move {
-            write_marks(&store, &name, marks, &clock, deadline).await
-        }));
+        let marked = run.marking.add(marks).await;
+        run.counted(marked);
     }
 
     /// Give every row in flight back (the connection is gone).
@@ -527,8 +538,7 @@ impl Relay {
     /// happens to the rest of the claim.
     async fn claim(&self, limit: u32) -> Result<Claim> {
         let now = self.clock.now();
-        let lease = chrono::Duration::from_std(self.settings.relay.claim_lease)
-            .unwrap_or(chrono::Duration::seconds(60));
+        let lease = self.lease();
         let mut claim = self.store.claim(limit, now, now + lease).await?;
         for bad in std::mem::take(&mut claim.bad) {
             error!(id = %bad.shown, error = %bad.reason, "outbox row cannot be read; marked FAILED");
@@ -542,6 +552,11 @@ impl Relay {
         Ok(claim)
     }
 
+    fn lease(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.settings.relay.claim_lease)
+            .unwrap_or(chrono::Duration::seconds(60))
+    }
+
     async fn release(&self, token: Uuid, ids: &[Uuid]) {
         if let Err(err) = self.store.release(token, ids).await {
             // The lease ends by itself; the rows are not lost.
@@ -552,8 +567,7 @@ impl Relay {
     /// Extend the leases of claims that are half over while their rows are
     /// still in flight (slow confirms).
     async fn renew_leases(&self, run: &mut Run) {
-        let lease = chrono::Duration::from_std(self.settings.relay.claim_lease)
-            .unwrap_or(chrono::Duration::seconds(60));
+        let lease = self.lease();
         let now = self.clock.now();
         let expiring = run.window.expiring(now + lease / 2);
         for (token, ids) in expiring {
@@ -730,97 +744,10 @@ impl Relay {
     }
 }
 
-/// Write one round of marks, each retried through database blips until the
-/// claim's lease ends (after that the row is someone else's to send).
-/// Rows a round of marks changed (rows another relay claimed meanwhile are not counted).
-#[derive(Debug, Clone, Copy, Default)]
-struct Marked {
-    published: u64,
-    retried: u64,
-    failed: u64,
-}
-
-async fn write_marks(
-    store: &Store,
-    name: &str,
-    marks: Marks,
-    clock: &Clock,
-    deadline: DateTime<Utc>,
-) -> Marked {
-    let now = clock.now();
-    let mut done = Marked::default();
-    for (token, ids) in &marks.sent {
-        let written = retry(name, "mark rows sent", clock, deadline, || {
-            store.mark_sent(*token, ids, now)
-        })
-        .await;
-        if let Some(marked) = written {
-            done.published += marked;
-            if marked < ids.len() as u64 {
-                warn!(relay = %name, rows = ids.len() as u64 - marked, "confirmed rows were claimed by another relay after their lease ended; it sends them again (consumers deduplicate)");
-            }
-        }
-    }
-    for (token, failures) in &marks.failed {
-        let written = retry(name, "record failed attempts", clock, deadline, || {
-            store.mark_failed(*token, failures, now)
-        })
-        .await;
-        let Some((scheduled, failed)) = written else {
-            continue;
-        };
-        done.retried += scheduled;
-        done.failed += failed;
-        if (scheduled + failed) as usize == failures.len() {
-            for (id, destination, attempts, reason) in marks
-                .gave_up
-                .iter()
-                .filter(|(id, ..)| failures.iter().any(|f| f.id == *id))
-            {
-                error!(%id, %destination, attempts, error = %reason, "message FAILED after its last attempt; see `outbox-cli failed`");
-            }
-        } else {
-            warn!(relay = %name, rows = failures.len() as u64 - scheduled - failed, "failed rows were claimed by another relay after their lease ended; their attempt is counted there");
-        }
-    }
-    for (token, ids) in &marks.released {
-        retry(name, "give rows back", clock, deadline, || {
-            store.release(*token, ids)
-        })
-        .await;
-    }
-    done
-}
-
-async fn retry<T, F, Fut>(
-    name: &str,
-    what: &str,
-    clock: &Clock,
-    deadline: DateTime<Utc>,
-    mut write: F,
-) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let mut pause = Duration::from_millis(100);
-    loop {
-        match write().await {
-            Ok(rows) => return Some(rows),
-            Err(err)
-                if clock.now() + chrono::Duration::from_std(pause).unwrap_or_default()
-                    < deadline =>
-            {
-                warn!(relay = %name, error = %report(&err), "could not {what}; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-            Err(err) => {
-                error!(relay = %name, error = %report(&err), "could not {what} before the claim lease ended; the rows are sent again (consumers deduplicate)");
-                return None;
-            }
-        }
-    }
+/// What ended a wait for outcomes.
+enum Woke {
+    Outcomes(std::result::Result<Result<Vec<(Uuid, Outcome)>>, tokio::time::error::Elapsed>),
+    Written(Marked),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -835,9 +762,8 @@ struct Run {
     window: Window,
     /// A claim made while the window waited for outcomes.
     ahead: Option<Claim>,
-    /// The marks being written, and how many rows they cover.
-    marking: Option<JoinHandle<Marked>>,
-    marking_rows: usize,
+    /// Outcomes decided and not yet written.
+    marking: Marking,
     /// Whether the last claim was full, i.e. more is probably due.
     backlog_left: bool,
     /// Bytes per row, from the claims so far (the larger of the last claim's
@@ -854,14 +780,13 @@ struct Run {
 }
 
 impl Run {
-    fn new(settings: &Settings, metrics: Arc<Metrics>) -> Run {
+    fn new(settings: &Settings, metrics: Arc<Metrics>, marking: Marking) -> Run {
         Run {
             metrics,
             publisher: None,
             window: Window::default(),
             ahead: None,
-            marking: None,
-            marking_rows: 0,
+            marking,
             backlog_left: true,
             row_bytes: None,
             backoff: Backoff::new(settings.broker.maximum_backoff),
@@ -879,7 +804,7 @@ impl Run {
     /// `max_in_flight_bytes` (estimated from the rows in flight).
     fn room(&self, settings: &Settings) -> Option<u32> {
         let relay = &settings.relay;
-        let busy = self.window.len() + self.marking_rows;
+        let busy = self.window.len() + self.marking.rows();
         let count_room = (relay.max_in_flight as usize).saturating_sub(busy);
         let bytes = self.window.bytes();
         if bytes >= relay.max_in_flight_bytes {
@@ -895,14 +820,10 @@ impl Run {
         u32::try_from(room).ok().filter(|room| *room > 0)
     }
 
+    /// Write every mark decided so far.
     async fn finish_marking(&mut self) {
-        if let Some(marking) = self.marking.take() {
-            match marking.await {
-                Ok(marked) => self.counted(marked),
-                Err(err) => error!(error = %err, "marking task failed"),
-            }
-        }
-        self.marking_rows = 0;
+        let marked = self.marking.finish().await;
+        self.counted(marked);
     }
 
     /// Count what the database took.

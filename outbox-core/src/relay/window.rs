@@ -48,6 +48,22 @@ impl Marks {
     pub(crate) fn is_empty(&self) -> bool {
         self.rows() == 0
     }
+
+    /// Add `other`'s marks to these (claim by claim).
+    pub(crate) fn merge(&mut self, other: Marks) {
+        for (token, ids) in other.sent {
+            self.sent.entry(token).or_default().extend(ids);
+        }
+        for (token, failures) in other.failed {
+            self.failed.entry(token).or_default().extend(failures);
+        }
+        for (token, ids) in other.released {
+            self.released.entry(token).or_default().extend(ids);
+        }
+        self.sent_added.extend(other.sent_added);
+        self.gave_up.extend(other.gave_up);
+        self.retrying.extend(other.retrying);
+    }
 }
 
 /// Claims with rows in flight.
