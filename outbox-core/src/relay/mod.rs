@@ -269,9 +269,8 @@ impl Relay {
                 if run.database_down.is_some() || run.ahead.is_some() {
                     continue;
                 }
-                if self.due_now(run).await {
-                    continue;
-                }
+                // Both read the backlog, so rows the marks made due again
+                // (a retry at once, rows given back) are claimed next.
                 if mode == Mode::UntilEmpty {
                     if self.until_empty_done(run, shutdown).await? {
                         return Ok(());
@@ -619,17 +618,6 @@ impl Relay {
             () = shutdown.wait() => {}
         }
         Ok(())
-    }
-
-    /// Whether rows are due now (after marks made failed rows due again).
-    async fn due_now(&self, run: &mut Run) -> bool {
-        match self.store.backlog(self.clock.now()).await {
-            Ok(backlog) if backlog.due > 0 => {
-                run.backlog_left = true;
-                true
-            }
-            _ => false,
-        }
     }
 
     /// Nothing is due: `true` when done, unless rows are held by another
