@@ -50,7 +50,7 @@ async fn bad_input_gives_a_clear_error_and_exit_1() {
     assert!(
         stderr.contains("no callback registered as `my_app::nope`")
             && stderr.contains("outbox_cli::callbacks::json_lines")
-            && stderr.contains("add `use <your_crate> as _;`"),
+            && stderr.contains("add `use my_app as _;`"),
         "{stderr}"
     );
 

@@ -343,3 +343,54 @@ async fn returns_are_matched_to_their_own_messages() {
     assert_eq!(got, good);
     broker.delete_queue(&queue).await;
 }
+
+/// The README's SQL for other writers works as written (on PostgreSQL, with
+/// a routing key of this test's own): the row goes out with its id as
+/// `dop-msg-id` and `message_id`, and every `dop-*` header filled in.
+#[tokio::test]
+async fn the_readme_sql_insert_is_relayed() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("read README.md");
+    let sql: String = readme
+        .split("```sql\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README.md has a ```sql block")
+        .to_owned();
+    assert!(sql.contains("orders.created.v1"), "{sql}");
+    let t = TestDb::new(Backend::Postgres).await;
+    let broker = TestBroker::connect().await;
+    let rk = key();
+    let queue = broker.bound_queue("amq.topic", &rk).await;
+    use sea_orm::ConnectionTrait as _;
+    t.db.execute_unprepared(&sql.replace("orders.created.v1", &rk))
+        .await
+        .expect("the README's INSERT runs");
+    let row = published::Entity::find().one(&t.db).await.unwrap().unwrap();
+
+    let report = Relay::new(t.db.clone(), settings(&t.url))
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(report.published, 1);
+    let received = broker.take(&queue, 1, Duration::from_secs(3)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        received[0].message_id.as_deref(),
+        Some(row.id.to_string().as_str())
+    );
+    assert_eq!(received[0].headers[headers::MSG_ID], row.id.to_string());
+    for header in [
+        headers::CORRELATION_ID,
+        headers::MSG_DESTINATION,
+        headers::MSG_TYPE,
+    ] {
+        assert!(
+            received[0].headers.contains_key(header),
+            "{header}: {:?}",
+            received[0].headers
+        );
+    }
+    assert_eq!(received[0].body, serde_json::json!({"id": 1}));
+    broker.delete_queue(&queue).await;
+}

@@ -34,6 +34,8 @@ Environment:
 pub enum Command {
     /// Create or upgrade the `published` and `received` tables (idempotent).
     Migrate,
+    /// Write one message into the outbox, with the headers a save writes (for the relay to send).
+    Send(SendArgs),
     /// Relay outbox rows to RabbitMQ until SIGTERM/SIGINT.
     Publish(PublishArgs),
     /// Consume a destination with a registered callback until SIGTERM/SIGINT.
@@ -115,6 +117,21 @@ pub enum DlqCommand {
         #[arg(long)]
         limit: Option<u64>,
     },
+}
+
+/// `send`
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Where it goes: /topic/<routing key>, /exchange/<exchange>/<routing key>, /queue/<queue>.
+    pub destination: String,
+    /// The body: JSON text (quote it for the shell), or `-` to read it from standard input.
+    pub body: String,
+    /// A header to add, as NAME=VALUE (repeat for more). `dop-*` headers are the outbox's own.
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    pub headers: Vec<String>,
+    /// Append `.<version>` to the destination and send `dop-version: <version>`.
+    #[arg(long, value_name = "VERSION")]
+    pub version: Option<String>,
 }
 
 /// `publish`

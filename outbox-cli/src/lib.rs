@@ -18,7 +18,7 @@ mod commands;
 mod progress;
 mod signals;
 
-pub use cli::{Cli, Command, DlqCommand, FailedCommand};
+pub use cli::{Cli, Command, DlqCommand, FailedCommand, PublishArgs, SendArgs, SubscribeArgs};
 
 use std::io::IsTerminal as _;
 
@@ -73,6 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Migrate => commands::migrate(&settings).await,
+        Command::Send(args) => commands::send(&settings, args).await,
         Command::Publish(args) => commands::publish(settings, args).await,
         Command::Subscribe(args) => commands::subscribe(settings, args).await,
         Command::Callbacks => commands::callbacks(),
@@ -84,18 +85,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The error and its causes on one line, each text once, secrets masked.
 fn report(err: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in err.chain() {
-        let cause = cause.to_string();
-        if text.contains(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    outbox_core::redact::text(&text)
+    outbox_core::report(err.as_ref())
 }
 
 fn init_logging(json: bool) {

@@ -32,6 +32,19 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// Nothing answers at the broker's address (an outage: retried with
+    /// backoff).
+    #[error(
+        "nothing answers at {endpoint} ({source}); is the broker running, and does broker.url (AMQP_URL) name the right host and port?"
+    )]
+    BrokerUnreachable {
+        /// The broker, without credentials.
+        endpoint: String,
+        /// Why the connection failed.
+        #[source]
+        source: BoxError,
+    },
+
     /// The broker refused the connection for a reason retrying cannot fix
     /// (credentials, an unknown vhost).
     #[error("the broker at {endpoint} refused the connection: {reason}; {fix}")]
@@ -107,7 +120,7 @@ pub enum Error {
     },
 
     /// A settings file names a key we do not know.
-    #[error("unknown setting `{key}` in {file}; known settings: {known}")]
+    #[error("unknown setting `{key}` in {file}; {known}")]
     UnknownSetting {
         /// The key as written.
         key: String,
@@ -148,8 +161,9 @@ pub enum Error {
 
     /// No callback is registered under the path given to `subscribe`.
     #[error(
-        "no callback registered as `{path}`; registered callbacks: {}; a `#[callback]` in a library crate is linked into a binary only when the binary uses that crate: add `use <your_crate> as _;` to its main.rs",
-        list_or_none(.registered)
+        "no callback registered as `{path}`; registered callbacks: {}; a `#[callback]` in a library crate is linked into a binary only when the binary uses that crate: add `use {} as _;` to its main.rs",
+        list_or_none(.registered),
+        crate_of(.path)
     )]
     UnknownCallback {
         /// The path asked for.
@@ -204,6 +218,18 @@ pub enum Error {
         id: uuid::Uuid,
     },
 
+    /// Nothing answers at the database's address.
+    #[error(
+        "nothing answers at {address} ({source}); is the database running, and does database.url (DATABASE_URL) name the right host and port?"
+    )]
+    DatabaseUnreachable {
+        /// `host:port` from the URL.
+        address: String,
+        /// Why the connection failed.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// Reading or writing a local resource (a socket, a file) failed.
     #[error("i/o error while {context}")]
     Io {
@@ -248,9 +274,11 @@ impl Error {
     /// the relay and the consumer; they never count as a failed attempt.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Broker { .. } | Error::BrokerTimeout { .. } => true,
+            Error::Broker { .. }
+            | Error::BrokerTimeout { .. }
+            | Error::BrokerUnreachable { .. } => true,
             Error::Database(err) => is_transient_db(err),
-            Error::Io { .. } => true,
+            Error::Io { .. } | Error::DatabaseUnreachable { .. } => true,
             _ => false,
         }
     }
@@ -343,5 +371,53 @@ pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
         }
         source = cause.source();
     }
-    crate::redact::text(&text)
+    crate::redact::text(&without_source_lines(&text))
+}
+
+/// The crate a callback path names (its first segment).
+fn crate_of(path: &str) -> &str {
+    match path.split("::").next() {
+        Some(first) if !first.is_empty() && path.contains("::") => first,
+        _ => "<your_crate>",
+    }
+}
+
+/// PostgreSQL errors end in " at line N", a line of the server's C source:
+/// noise to a user. (serde_json's "at line 1 column 2" stays.)
+fn without_source_lines(text: &str) -> String {
+    const MARK: &str = " at line ";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(MARK) {
+        let after = &rest[at + MARK.len()..];
+        let digits = after.len() - after.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let next = after[digits..].chars().next();
+        let noise = digits > 0 && matches!(next, None | Some(':' | ')' | ';' | ','));
+        out.push_str(&rest[..at]);
+        if !noise {
+            out.push_str(MARK);
+        }
+        rest = if noise { &after[digits..] } else { after };
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_source_lines;
+
+    #[test]
+    fn server_source_lines_are_dropped_and_json_positions_kept() {
+        assert_eq!(
+            without_source_lines(
+                "error returned from database: relation \"published\" does not exist at line 1392"
+            ),
+            "error returned from database: relation \"published\" does not exist"
+        );
+        assert_eq!(without_source_lines("a at line 12: b at line 3"), "a: b");
+        let json = "key must be a string at line 1 column 2";
+        assert_eq!(without_source_lines(json), json);
+        assert_eq!(without_source_lines("at line x"), "at line x");
+    }
 }

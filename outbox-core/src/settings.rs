@@ -510,8 +510,8 @@ impl Settings {
 
     fn unknown(&self, key: &str, file: &str) -> Error {
         let known = match closest(key, KEYS.iter().map(|(k, _)| *k)) {
-            Some(near) => format!("did you mean `{near}`? known settings: "),
-            None => "known settings: ".to_owned(),
+            Some(near) => format!("did you mean `{near}`? settings: "),
+            None => "settings: ".to_owned(),
         };
         Error::UnknownSetting {
             key: key.to_owned(),

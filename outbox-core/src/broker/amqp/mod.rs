@@ -94,6 +94,12 @@ impl Amqp {
                 };
             }
         }
+        if let lapin::ErrorKind::IOError(io) = err.kind() {
+            return Error::BrokerUnreachable {
+                endpoint,
+                source: Box::new(std::io::Error::new(io.kind(), io.to_string())),
+            };
+        }
         Error::Broker {
             operation: "connect",
             endpoint,
