@@ -63,8 +63,15 @@ async fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_file("target/quickstart.db");
         settings.database.url = Some("sqlite://target/quickstart.db?mode=rwc".to_owned());
     }
-    println!("database: {}", settings.database_url()?);
-    println!("broker:   {}", settings.broker.url);
+    // Shown without passwords: URLs in output always go through redact.
+    println!(
+        "database: {}",
+        outbox_core::redact::url(settings.database_url()?)
+    );
+    println!(
+        "broker:   {}",
+        outbox_core::redact::url(&settings.broker.url)
+    );
 
     // 1. Schema: the outbox tables, and our own table.
     let db = outbox_core::connect(&settings).await?;

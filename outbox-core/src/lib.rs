@@ -122,6 +122,20 @@ pub mod __private {
         })
     }
 
+    /// A decimal (encoded as a string) at its column's declared scale:
+    /// SQLite hands `12.50` back as `12.5`. Anything else passes through.
+    pub fn with_scale(value: serde_json::Result<Value>, scale: u32) -> serde_json::Result<Value> {
+        let value = value?;
+        if let Value::String(text) = &value
+            && let Ok(mut decimal) = text.parse::<rust_decimal::Decimal>()
+            && decimal.scale() < scale
+        {
+            decimal.rescale(scale);
+            return Ok(Value::String(decimal.to_string()));
+        }
+        Ok(value)
+    }
+
     /// What a `serializer` returned, as the body.
     pub fn serialize_body<T: serde::Serialize + ?Sized>(
         destination: &str,

@@ -15,6 +15,9 @@ pub(crate) struct Field<'a> {
     /// The key in the message body: the field name without `r#`.
     pub(crate) name: String,
     pub(crate) primary_key: bool,
+    /// The scale of `#[sea_orm(column_type = "Decimal(Some((p, s)))")]`:
+    /// the body keeps it even where the database does not (SQLite).
+    pub(crate) decimal_scale: Option<u32>,
 }
 
 impl<'a> Input<'a> {
@@ -45,6 +48,7 @@ impl<'a> Input<'a> {
                     ident,
                     name: ident.unraw().to_string(),
                     primary_key: field.attrs.iter().any(is_primary_key),
+                    decimal_scale: field.attrs.iter().find_map(decimal_scale),
                 })
             })
             .collect();
@@ -85,4 +89,36 @@ fn is_primary_key(attr: &syn::Attribute) -> bool {
     list.tokens.clone().into_iter().any(
         |token| matches!(token, proc_macro2::TokenTree::Ident(ident) if ident == "primary_key"),
     )
+}
+
+/// `s` from `#[sea_orm(column_type = "Decimal(Some((p, s)))")]`.
+fn decimal_scale(attr: &syn::Attribute) -> Option<u32> {
+    if !attr.path().is_ident("sea_orm") {
+        return None;
+    }
+    let list = attr.meta.require_list().ok()?;
+    let mut tokens = list.tokens.clone().into_iter().peekable();
+    while let Some(token) = tokens.next() {
+        let proc_macro2::TokenTree::Ident(ident) = &token else {
+            continue;
+        };
+        if ident != "column_type" {
+            continue;
+        }
+        let _eq = tokens.next()?;
+        let proc_macro2::TokenTree::Literal(literal) = tokens.next()? else {
+            return None;
+        };
+        let text: String = literal
+            .to_string()
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
+        let inner = text
+            .strip_prefix("\"Decimal(Some((")?
+            .strip_suffix(")))\"")?;
+        let (_precision, scale) = inner.split_once(',')?;
+        return scale.parse().ok();
+    }
+    None
 }

@@ -68,10 +68,15 @@ fn message(input: &Input<'_>, publish: &PublishAttr<'_>) -> TokenStream {
             let entries = selected.map(|field| {
                 let ident = field.ident;
                 let name = &field.name;
+                let encoded = quote!((&&::outbox_core::__private::Encoder(&self.#ident)).encode());
+                let encoded = match field.decimal_scale {
+                    Some(scale) => quote!(::outbox_core::__private::with_scale(#encoded, #scale)),
+                    None => encoded,
+                };
                 quote! {
                     map.insert(
                         ::std::string::String::from(#name),
-                        ::outbox_core::__private::field(#destination, (&&::outbox_core::__private::Encoder(&self.#ident)).encode())?,
+                        ::outbox_core::__private::field(#destination, #encoded)?,
                     );
                 }
             });
