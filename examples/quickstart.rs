@@ -31,6 +31,7 @@ mod order {
         #[sea_orm(primary_key)]
         pub id: i32,
         pub customer: String,
+        #[sea_orm(column_type = "Decimal(Some((10, 2)))")]
         pub total: Decimal,
     }
 

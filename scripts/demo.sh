@@ -5,4 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh rabbitmq
+echo "[demo] building the quickstart example (the first build takes several minutes; cargo shows its progress)" >&2
+cargo build -p outbox-examples --example quickstart
+echo "[demo] running it" >&2
 exec cargo run --quiet -p outbox-examples --example quickstart

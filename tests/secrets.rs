@@ -1,7 +1,8 @@
 //! Secrets never leave the process: every `outbox-cli` command, with good
 //! settings and bad ones (wrong password, a server down, a malformed URL, a
 //! settings file), runs with a marker password in its URLs at debug log
-//! level, and the marker must appear nowhere in stdout or stderr.
+//! level, and the marker must appear nowhere in stdout or stderr; a command
+//! that works logs no ERROR line.
 //!
 //! The bad inputs also make the table in docs/ERRORS.md: each must end the
 //! command non-zero with one `error:` line that names the problem and the
@@ -53,6 +54,14 @@ fn assert_no_marker(what: &str, output: &Output) {
                 &text[line_start..line_end]
             );
         }
+    }
+}
+
+/// A command that did its job logs no ERROR line, not even from a library
+/// (lapin logs one when a channel is still closing as its connection closes).
+fn assert_no_error_line(what: &str, output: &Output) {
+    if let Some(line) = output.stderr.lines().find(|line| line.contains(" ERROR ")) {
+        panic!("{what} succeeded but logged an ERROR line:\n{line}");
     }
 }
 
@@ -133,6 +142,7 @@ async fn no_command_prints_the_password() {
         let output = run(command(&args)).await;
         assert!(output.ok, "{args:?}: {}", output.stderr);
         assert_no_marker(&format!("{args:?}"), &output);
+        assert_no_error_line(&format!("{args:?}"), &output);
     }
 
     // subscribe, until it has stored the message the relay sends.
@@ -176,6 +186,7 @@ async fn no_command_prints_the_password() {
         let output = run(command(&args)).await;
         assert!(output.ok, "{args:?}: {}", output.stderr);
         assert_no_marker(&format!("{args:?}"), &output);
+        assert_no_error_line(&format!("{args:?}"), &output);
     }
     eventually(
         Duration::from_secs(60),
@@ -204,11 +215,13 @@ async fn no_command_prints_the_password() {
         subscribed.stdout
     );
     assert_no_marker("subscribe", &subscribed);
+    assert_no_error_line("subscribe", &subscribed);
 
     for args in [vec!["failed", "list"], vec!["dlq", "list", &queue]] {
         let output = run(command(&args)).await;
         assert!(output.ok, "{args:?}: {}", output.stderr);
         assert_no_marker(&format!("{args:?}"), &output);
+        assert_no_error_line(&format!("{args:?}"), &output);
     }
 }
 

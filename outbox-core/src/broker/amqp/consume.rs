@@ -216,6 +216,11 @@ async fn run_acker(mut acker: Acker, mut events: mpsc::UnboundedReceiver<SettleE
         let Some(event) = event else {
             acker.ack_prefix().await;
             acker.ack_each().await;
+            // Closed here, not by lapin when it is dropped: a channel still
+            // closing when the connection closes makes lapin log an ERROR.
+            if let Some(dead_letters) = acker.dead_letters.take() {
+                let _ = dead_letters.channel.close(200, "bye".into()).await;
+            }
             return;
         };
         acker.apply(event).await;
