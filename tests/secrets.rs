@@ -68,7 +68,12 @@ fn assert_no_error_line(what: &str, output: &Output) {
 /// `postgres://postgres@host/db` with the marker as password (the machine's
 /// PostgreSQL trusts loopback, so the password is sent and ignored).
 fn with_marker(url: &str) -> String {
-    url.replacen("://postgres@", &format!("://postgres:{MARKER}@"), 1)
+    let marked = url.replacen("://postgres@", &format!("://postgres:{MARKER}@"), 1);
+    assert!(
+        marked.contains(MARKER),
+        "no user `postgres` to give a password in {url}"
+    );
+    marked
 }
 
 /// A broker user whose password is the marker, removed on drop.
