@@ -645,22 +645,18 @@ async fn bulk_acks_never_cover_a_message_in_flight() {
 
 /// Deliveries of `queue` sent to a consumer and not yet acknowledged.
 async fn unacked(queue: &str) -> u64 {
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_unacknowledged",
-        ])
-        .output()
-        .await
-        .expect("run rabbitmqctl");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| {
-            let mut parts = line.split_whitespace();
-            (parts.next() == Some(queue)).then(|| parts.next().and_then(|n| n.parse().ok()))?
-        })
-        .unwrap_or(u64::MAX)
+    common::amqp::rabbitmqctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_unacknowledged",
+    ])
+    .await
+    .lines()
+    .find_map(|line| {
+        let mut parts = line.split_whitespace();
+        (parts.next() == Some(queue)).then(|| parts.next().and_then(|n| n.parse().ok()))?
+    })
+    .unwrap_or(u64::MAX)
 }

@@ -251,7 +251,7 @@ async fn quorum_queues_are_declared_and_dead_letter() {
 }
 
 async fn list_queues(filter: &str) -> String {
-    rabbitmqctl(
+    rabbitmqctl_lines(
         &["list_queues", "-q", "--no-table-headers", "name", "type"],
         filter,
     )
@@ -259,7 +259,7 @@ async fn list_queues(filter: &str) -> String {
 }
 
 async fn list_arguments(filter: &str) -> String {
-    rabbitmqctl(
+    rabbitmqctl_lines(
         &[
             "list_queues",
             "-q",
@@ -272,13 +272,10 @@ async fn list_arguments(filter: &str) -> String {
     .await
 }
 
-async fn rabbitmqctl(args: &[&str], filter: &str) -> String {
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
+/// The lines of `rabbitmqctl <args>` that contain `filter`.
+async fn rabbitmqctl_lines(args: &[&str], filter: &str) -> String {
+    common::amqp::rabbitmqctl(args)
         .await
-        .expect("run rabbitmqctl");
-    String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|line| line.contains(filter))
         .collect::<Vec<_>>()

@@ -14,6 +14,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::amqp::rabbitmqctl;
 use common::{Backend, TestDb, amqp_url, cli, eventually, received_count, signal};
 use sea_orm::ConnectionTrait as _;
 use tokio::io::AsyncBufReadExt as _;
@@ -102,19 +103,6 @@ impl Drop for BrokerUser {
             .args(["delete_user", &self.0])
             .output();
     }
-}
-
-async fn rabbitmqctl(args: &[&str]) {
-    let output = tokio::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .await
-        .expect("run rabbitmqctl");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// Every command with working settings: the marker is in both URLs, and

@@ -209,3 +209,18 @@ impl TestBroker {
         let _ = channel.close(200, "done".into()).await;
     }
 }
+
+/// `rabbitmqctl <args>` against the machine's RabbitMQ; its stdout.
+pub async fn rabbitmqctl(args: &[&str]) -> String {
+    let output = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .expect("run rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
