@@ -1,17 +1,10 @@
 //! `status`, `failed ...` and `dlq ...`.
 
-use anyhow::Context as _;
 use outbox_core::{FailedSelection, Settings};
-use sea_orm::DatabaseConnection;
 
+use super::database;
 use crate::cli::{DlqCommand, FailedCommand};
 use crate::progress::Progress;
-
-async fn database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
-    outbox_core::connect(settings)
-        .await
-        .context("cannot connect to the database")
-}
 
 /// `outbox-cli status [--json]`
 pub(crate) async fn status(settings: &Settings, json: bool) -> anyhow::Result<()> {

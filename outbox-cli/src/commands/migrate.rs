@@ -1,11 +1,8 @@
-use anyhow::Context as _;
 use outbox_core::Settings;
 
 /// `outbox-cli migrate`
 pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let db = outbox_core::connect(settings)
-        .await
-        .context("cannot connect to the database")?;
+    let db = super::database(settings).await?;
     let migration = outbox_core::migrate(&db).await?;
     if !migration.created.is_empty() {
         println!("created tables: {}", migration.created.join(", "));

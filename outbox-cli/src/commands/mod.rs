@@ -12,3 +12,12 @@ pub(crate) use migrate::migrate;
 pub(crate) use publish::publish;
 pub(crate) use send::send;
 pub(crate) use subscribe::{callbacks, subscribe};
+
+use anyhow::Context as _;
+
+/// The database `database.url` names, for any command.
+async fn database(settings: &outbox_core::Settings) -> anyhow::Result<sea_orm::DatabaseConnection> {
+    outbox_core::connect(settings)
+        .await
+        .context("cannot connect to the database")
+}

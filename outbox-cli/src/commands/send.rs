@@ -8,9 +8,7 @@ use crate::cli::SendArgs;
 /// `outbox-cli send <destination> <json> [--header NAME=VALUE].. [--version V]`
 pub(crate) async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<()> {
     let message = message(args)?;
-    let db = outbox_core::connect(settings)
-        .await
-        .context("cannot connect to the database")?;
+    let db = super::database(settings).await?;
     let row = outbox_core::write(&db, message).await?;
     println!(
         "wrote {} to {} (`outbox-cli publish --until-empty` sends it)",

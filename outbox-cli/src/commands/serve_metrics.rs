@@ -15,9 +15,7 @@ pub(crate) async fn connect_with_metrics(
     settings: &outbox_core::Settings,
     metrics_addr: Option<SocketAddr>,
 ) -> anyhow::Result<(sea_orm::DatabaseConnection, Arc<Metrics>)> {
-    let db = outbox_core::connect(settings)
-        .await
-        .context("cannot connect to the database")?;
+    let db = super::database(settings).await?;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = metrics_addr {
         serve_metrics(addr, Arc::clone(&metrics)).await?;
