@@ -310,6 +310,7 @@ pub(crate) fn is_transient_db(err: &sea_orm::DbErr) -> bool {
 
 fn transient_code(db: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
     use sea_orm::sqlx::error::ErrorKind;
+    #[cfg(feature = "mysql")]
     if let Some(mysql) = db.try_downcast_ref::<sea_orm::sqlx::mysql::MySqlDatabaseError>() {
         // deadlock, lock wait timeout, server gone / lost, too many connections
         return matches!(
@@ -317,6 +318,7 @@ fn transient_code(db: &dyn sea_orm::sqlx::error::DatabaseError) -> bool {
             1213 | 1205 | 2006 | 2013 | 1040 | 1053 | 1927
         );
     }
+    #[cfg(feature = "sqlite")]
     if db
         .try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
         .is_some()

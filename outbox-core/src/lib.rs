@@ -37,6 +37,11 @@
 #![deny(clippy::print_stdout, clippy::print_stderr, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[cfg(not(any(feature = "postgres", feature = "mysql", feature = "sqlite")))]
+compile_error!(
+    "outbox-core needs a database driver: enable at least one of its features \"postgres\", \"mysql\", \"sqlite\""
+);
+
 mod admin;
 mod backoff;
 mod broker;

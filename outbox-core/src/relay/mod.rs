@@ -11,6 +11,7 @@
 
 mod claim;
 mod envelope;
+#[cfg(feature = "postgres")]
 mod listen;
 mod marking;
 mod schedule;
@@ -719,6 +720,12 @@ impl Relay {
         }
     }
 
+    #[cfg(not(feature = "postgres"))]
+    fn spawn_listener(&self, _wake: &Arc<Notify>) -> Option<JoinHandle<()>> {
+        None
+    }
+
+    #[cfg(feature = "postgres")]
     fn spawn_listener(&self, wake: &Arc<Notify>) -> Option<JoinHandle<()>> {
         if !self.settings.relay.listen || self.store.backend() != DbBackend::Postgres {
             return None;
