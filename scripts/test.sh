@@ -10,3 +10,5 @@ export RUST_BACKTRACE=1
 # tests, the examples (run as tests), the interop tests and the reliability
 # suite (one binary that restarts services, its tests one at a time).
 cargo test --workspace --all-targets --no-fail-fast "$@"
+# The README's whole service, as a crate of its own (postgres driver only).
+scripts/minimal-service.sh

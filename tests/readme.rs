@@ -1,6 +1,7 @@
 //! Every ```` ```rust ```` block of README.md is compiled: it must be, word
 //! for word, one of the files `examples/readme.rs` includes (so CI builds
-//! it), in the same order.
+//! it), in the same order, or the whole service's `src/main.rs`
+//! (`examples/minimal-service`, built on its own by scripts/minimal-service.sh).
 
 use std::path::Path;
 
@@ -8,7 +9,10 @@ use std::path::Path;
 fn every_rust_block_of_the_readme_is_compiled() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let minimal = root.join("examples/minimal-service/src/main.rs");
+    let minimal_main = std::fs::read_to_string(&minimal).unwrap();
     let mut blocks = Vec::new();
+    let mut minimal_blocks = 0;
     let mut lines = readme.lines();
     while let Some(line) = lines.next() {
         if line.trim_start().starts_with("```rust") {
@@ -24,9 +28,20 @@ fn every_rust_block_of_the_readme_is_compiled() {
                 line.trim() == "```rust",
                 "README blocks are compiled; `{line}` would exempt one from that"
             );
-            blocks.push(block);
+            if block.starts_with("//! src/main.rs of a whole service") {
+                assert_eq!(
+                    block,
+                    minimal_main,
+                    "README's whole service differs from {}; copy one onto the other",
+                    minimal.display()
+                );
+                minimal_blocks += 1;
+            } else {
+                blocks.push(block);
+            }
         }
     }
+    assert_eq!(minimal_blocks, 1, "README shows the whole service once");
     let dir = root.join("examples/readme");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -58,4 +73,22 @@ fn every_rust_block_of_the_readme_is_compiled() {
             file.display()
         );
     }
+}
+
+/// The whole service's dependencies in README.md are its Cargo.toml's, with
+/// `git = "…"` where the checkout uses paths.
+#[test]
+fn the_readme_shows_the_whole_service_dependencies() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let manifest =
+        std::fs::read_to_string(root.join("examples/minimal-service/Cargo.toml")).unwrap();
+    let dependencies = &manifest[manifest.find("[dependencies]").unwrap()..];
+    let shown = dependencies
+        .replace(r#"path = "../../outbox-core""#, r#"git = "…""#)
+        .replace(r#"path = "../../outbox-cli""#, r#"git = "…""#);
+    assert!(
+        readme.contains(&format!("```toml\n{shown}```")),
+        "README.md does not show examples/minimal-service/Cargo.toml's dependencies:\n{shown}"
+    );
 }
