@@ -8,8 +8,8 @@
 //! `DATABASE_URL` (default `sqlite://target/quickstart.db?mode=rwc`) and
 //! `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`) override.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_core::{
@@ -82,18 +82,24 @@ async fn main() -> anyhow::Result<()> {
     db.execute(create.if_not_exists()).await?;
 
     // 2. The consumer declares its queue first, so nothing published is unroutable.
-    let handled = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&handled);
+    // The queue is this run's own (the broker may be shared), removed at the end.
+    let queue_name = format!(
+        "quickstart-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let handled = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen = Arc::clone(&handled);
     let consumer = Consumer::new(
         db.clone(),
         settings.clone(),
         "/topic/quickstart.orders.v1",
-        None,
+        Some(&queue_name),
         move |payload: Payload| {
-            let counter = Arc::clone(&counter);
+            let seen = Arc::clone(&seen);
             async move {
+                let id = payload.msg_id().unwrap_or_default().to_owned();
                 let handled = on_order(payload).await;
-                counter.fetch_add(1, Ordering::SeqCst);
+                seen.lock().map(|mut seen| seen.insert(id)).ok();
                 handled
             }
         },
@@ -124,12 +130,17 @@ async fn main() -> anyhow::Result<()> {
     .insert_and_publish(&txn)
     .await?;
     txn.rollback().await?;
-    let pending = outbox_core::entity::published::Entity::find()
-        .count(&db)
-        .await?;
+    // The outbox row ids are the message ids the consumer will see.
+    let ours: BTreeSet<String> = outbox_core::entity::published::Entity::find()
+        .all(&db)
+        .await?
+        .iter()
+        .map(|row| row.id.to_string())
+        .collect();
     println!(
-        "  {} orders, {pending} outbox rows",
-        order::Entity::find().count(&db).await?
+        "  {} orders, {} outbox rows",
+        order::Entity::find().count(&db).await?,
+        ours.len()
     );
 
     // 4. Relay the outbox to RabbitMQ (publisher confirms), then stop.
@@ -145,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
     let (stop, shutdown) = shutdown_channel();
     let running = tokio::spawn(consumer.run(shutdown));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while handled.load(Ordering::SeqCst) < report.published as usize {
+    while !handled.lock().is_ok_and(|seen| seen.is_superset(&ours)) {
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for the consumer"
@@ -161,10 +172,27 @@ async fn main() -> anyhow::Result<()> {
         "consumed {} messages, {received} recorded in `received`",
         consumed.saved
     );
+    delete_queue(&settings.broker.url, &queue).await?;
     anyhow::ensure!(
-        report.published == 3 && consumed.saved == 3,
+        report.published == 3 && ours.len() == 3 && consumed.saved >= 3,
         "expected 3 messages end to end"
     );
     println!("done: save → outbox → RabbitMQ → callback, nothing lost, nothing twice");
+    Ok(())
+}
+
+/// Remove this run's queues (the consumer's declaration leaves them for the
+/// next run, as a service wants; a demo does not).
+async fn delete_queue(url: &str, queue: &outbox_core::QueueDeclaration) -> anyhow::Result<()> {
+    use lapin::options::QueueDeleteOptions;
+    let connection =
+        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    for name in [&queue.queue, &queue.dead_letter_queue] {
+        channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    connection.close(0, "".into()).await?;
     Ok(())
 }
