@@ -5,6 +5,7 @@
 #   scripts/services.sh rabbitmq [stomp]   RabbitMQ on 5672 (and the STOMP plugin on 61613)
 #   scripts/services.sh postgres           PostgreSQL on 5432, user postgres, trust on loopback
 #   scripts/services.sh mariadb            MariaDB on 3306, root without password, database test
+#   scripts/services.sh nats               NATS with JetStream on 4222 (store in /var/lib/nats-server)
 #   scripts/services.sh all                all of the above, with STOMP
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -98,14 +99,30 @@ ensure_mariadb() {
     say "MariaDB is up"
 }
 
+ensure_nats() {
+    if ! command -v nats-server >/dev/null; then
+        apt_install nats-server
+    fi
+    if ! port_open 4222; then
+        say "starting NATS with JetStream"
+        as_root mkdir -p /var/lib/nats-server
+        as_root setsid nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server \
+            -l /var/log/nats-server.log </dev/null >/dev/null 2>&1 &
+    fi
+    wait_port 4222 60 NATS
+    say "NATS is up"
+}
+
 case "${1:-all}" in
     rabbitmq) ensure_rabbitmq "${2:-}" ;;
     postgres) ensure_postgres ;;
     mariadb) ensure_mariadb ;;
+    nats) ensure_nats ;;
     all)
         ensure_postgres
         ensure_mariadb
         ensure_rabbitmq stomp
+        ensure_nats
         ;;
-    *) die "unknown service '$1' (rabbitmq [stomp], postgres, mariadb, all)" ;;
+    *) die "unknown service '$1' (rabbitmq [stomp], postgres, mariadb, nats, all)" ;;
 esac

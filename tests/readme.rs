@@ -92,3 +92,21 @@ fn the_readme_shows_the_whole_service_dependencies() {
         "README.md does not show examples/minimal-service/Cargo.toml's dependencies:\n{shown}"
     );
 }
+
+/// Every setting is in README.md's settings table.
+#[test]
+fn every_setting_is_documented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let table = &readme[readme
+        .find("| django-outbox-pattern | outbox | default |")
+        .unwrap()..];
+    let missing: Vec<&str> = outbox_core::Settings::keys()
+        .map(|(key, _)| key)
+        .filter(|key| !table.contains(&format!("`{key}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "settings missing from README.md's table: {missing:?}"
+    );
+}

@@ -252,7 +252,7 @@ async fn direct_send_is_confirmed_or_refused() {
     let rk = key();
     let queue = broker.bound_queue("amq.topic", &rk).await;
     let settings = common::settings("sqlite::memory:");
-    let mut direct = outbox_core::Broker::connect(&settings.broker, "direct-send-test")
+    let mut direct = outbox_core::Broker::connect(&settings, "direct-send-test")
         .await
         .unwrap();
 

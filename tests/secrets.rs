@@ -294,6 +294,23 @@ async fn bad_input_gives_one_clear_line_without_the_password() {
             ],
         },
         Bad {
+            what: "NATS server not running (token in the URL)",
+            env: vec![
+                ("DATABASE_URL", database.clone()),
+                (
+                    "AMQP_URL",
+                    format!("nats://{MARKER}@127.0.0.1:{closed_port}"),
+                ),
+                ("OUTBOX_BROKER_OPERATION_TIMEOUT", "2".to_owned()),
+            ],
+            args: vec!["publish", "--until-empty"],
+            config: None,
+            says: &[
+                "nothing answers at nats://***@127.0.0.1:",
+                "is the broker running",
+            ],
+        },
+        Bad {
             what: "broker URL with a wrong scheme",
             env: vec![
                 ("DATABASE_URL", database.clone()),

@@ -27,7 +27,7 @@ Environment:
   AMQP_URL                 amqp://user:password@host:5672/vhost (broker.url)
   OUTBOX_CONFIG            settings file, instead of ./outbox.toml
   OUTBOX_<SECTION>_<KEY>   any setting, e.g. OUTBOX_RELAY_BATCH_SIZE=500
-  RUST_LOG                 log filter (default: info,sqlx=warn,lapin=off)";
+  RUST_LOG                 log filter (default: info,sqlx=warn,lapin=off,async_nats=warn)";
 
 /// Everything `outbox-cli` does.
 #[derive(Debug, Subcommand)]
@@ -36,7 +36,7 @@ pub enum Command {
     Migrate,
     /// Write one message into the outbox, with the headers a save writes (for the relay to send).
     Send(SendArgs),
-    /// Relay outbox rows to RabbitMQ until SIGTERM/SIGINT.
+    /// Relay outbox rows to the broker (RabbitMQ or NATS JetStream) until SIGTERM/SIGINT.
     Publish(PublishArgs),
     /// Consume a destination with a registered callback until SIGTERM/SIGINT.
     Subscribe(SubscribeArgs),
@@ -54,6 +54,18 @@ pub enum Command {
     /// Inspect or replay a consumer's dead-letter queue (`DLQ.<queue>`).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Create or show the NATS JetStream stream the relay writes to (`nats.*` settings).
+    #[command(subcommand)]
+    Stream(StreamCommand),
+}
+
+/// `stream ...`
+#[derive(Debug, Subcommand)]
+pub enum StreamCommand {
+    /// Create the stream, or bring an existing one to the settings (idempotent).
+    Create,
+    /// Show the stream as the server has it.
+    Show,
 }
 
 /// `failed ...`

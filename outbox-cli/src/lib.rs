@@ -18,7 +18,9 @@ mod commands;
 mod progress;
 mod signals;
 
-pub use cli::{Cli, Command, DlqCommand, FailedCommand, PublishArgs, SendArgs, SubscribeArgs};
+pub use cli::{
+    Cli, Command, DlqCommand, FailedCommand, PublishArgs, SendArgs, StreamCommand, SubscribeArgs,
+};
 
 use std::io::IsTerminal as _;
 
@@ -80,6 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => commands::status(&settings, json).await,
         Command::Failed(command) => commands::failed(&settings, command).await,
         Command::Dlq(command) => commands::dlq(&settings, command).await,
+        Command::Stream(command) => commands::stream(&settings, command).await,
     }
 }
 
@@ -92,7 +95,9 @@ fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // lapin logs returned messages in full (bodies included) and its own
         // view of channel closes we handle; our own lines report both.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=off"));
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=off,async_nats=warn")
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -14,6 +14,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::broker::Transport;
+use crate::broker::nats::stream::{StreamChange, StreamInfo};
 use crate::entity::{published, received};
 use crate::{Error, Result, Settings, Status};
 
@@ -197,15 +198,38 @@ pub struct DeadLetter {
     pub headers: BTreeMap<String, String>,
 }
 
+/// Create the JetStream stream `nats.*` describes, or bring an existing one
+/// to it (subjects, duplicate window, replicas); running it again changes
+/// nothing. Needs `broker.url` to name a NATS server.
+pub async fn ensure_stream(settings: &Settings) -> Result<(StreamChange, StreamInfo)> {
+    nats_of(settings)?.ensure_stream().await
+}
+
+/// The JetStream stream the relay writes to, as the server has it (`None`
+/// when it does not exist).
+pub async fn stream_info(settings: &Settings) -> Result<Option<StreamInfo>> {
+    nats_of(settings)?.stream_info().await
+}
+
+fn nats_of(settings: &Settings) -> Result<crate::broker::nats::Nats> {
+    Transport::from_settings(settings)?
+        .nats()
+        .cloned()
+        .ok_or(Error::UnsupportedByTransport(
+            "streams are NATS JetStream's; broker.url names another broker (use nats://host:4222)"
+                .to_owned(),
+        ))
+}
+
 /// Look at up to `limit` messages in `DLQ.<queue>` without removing them.
 pub async fn dead_letters(
     settings: &Settings,
     queue: &str,
     limit: usize,
 ) -> Result<Vec<DeadLetter>> {
-    let transport = Transport::from_settings(&settings.broker)?;
-    let amqp = transport.amqp().ok_or(Error::UnsupportedBackend(
-        "dead-letter tools need an AMQP broker".to_owned(),
+    let transport = Transport::from_settings(settings)?;
+    let amqp = transport.amqp().ok_or(Error::UnsupportedByTransport(
+        "the dead-letter tools work on RabbitMQ queues; broker.url names another broker".to_owned(),
     ))?;
     crate::broker::amqp::dead_letters(amqp, queue, limit).await
 }
@@ -219,9 +243,9 @@ pub async fn replay_dead_letters(
     limit: Option<u64>,
     progress: impl FnMut(u64),
 ) -> Result<u64> {
-    let transport = Transport::from_settings(&settings.broker)?;
-    let amqp = transport.amqp().ok_or(Error::UnsupportedBackend(
-        "dead-letter tools need an AMQP broker".to_owned(),
+    let transport = Transport::from_settings(settings)?;
+    let amqp = transport.amqp().ok_or(Error::UnsupportedByTransport(
+        "the dead-letter tools work on RabbitMQ queues; broker.url names another broker".to_owned(),
     ))?;
     crate::broker::amqp::replay_dead_letters(amqp, queue, limit, progress).await
 }

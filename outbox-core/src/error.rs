@@ -99,6 +99,15 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A destination that names no NATS subject.
+    #[error("destination {destination:?} is not a NATS subject: {problem}")]
+    InvalidSubject {
+        /// The destination as given.
+        destination: String,
+        /// What is wrong with it, and what to write instead.
+        problem: String,
+    },
+
     /// A message version that cannot be appended to a destination.
     #[error("invalid version {version:?}: {reason}")]
     InvalidVersion {
@@ -208,6 +217,10 @@ pub enum Error {
     /// The database backend is not one we support.
     #[error("unsupported database backend `{0}`; use PostgreSQL, MySQL/MariaDB or SQLite")]
     UnsupportedBackend(String),
+
+    /// Something the configured broker's transport cannot do (yet).
+    #[error("{0}")]
+    UnsupportedByTransport(String),
 
     /// An outbox row was asked for that does not exist (or is in the wrong state).
     #[error("no {what} outbox row with id {id}")]

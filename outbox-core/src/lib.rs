@@ -68,10 +68,12 @@ mod status;
 
 pub use admin::{
     DeadLetter, DestinationCounts, FailedSelection, OutboxStatus, dead_letters, discard_failed,
-    failed_message, failed_messages, outbox_status, replay_dead_letters, retry_failed,
+    ensure_stream, failed_message, failed_messages, outbox_status, replay_dead_letters,
+    retry_failed, stream_info,
 };
 #[cfg(feature = "memory")]
 pub use broker::memory::{DeliveryFault, MemoryBroker, PublishFault, StoredMessage};
+pub use broker::nats::stream::{StreamChange, StreamInfo};
 pub use broker::{Broker, Envelope, QueueDeclaration, Transport};
 pub use clock::Clock;
 pub use connect::connect;
@@ -89,8 +91,8 @@ pub use migration::{Migration, NOTIFY_CHANNEL, migrate};
 pub use publish::{Publish, PublishExt, emit, insert, save, update, write, write_all};
 pub use relay::{Relay, RelayReport};
 pub use settings::{
-    BrokerSettings, ConsumerSettings, DatabaseSettings, DeadLetter as DeadLetterMode, QueueType,
-    RelaySettings, RetentionSettings, Settings, Unroutable,
+    BrokerSettings, ConsumerSettings, DatabaseSettings, DeadLetter as DeadLetterMode, NatsSettings,
+    QueueType, RelaySettings, RetentionSettings, Settings, StreamStorage, Unroutable,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger, shutdown_channel};
 pub use status::Status;

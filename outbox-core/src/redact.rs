@@ -37,6 +37,8 @@ pub fn text(text: &str) -> String {
                         out.push(':');
                         out.push_str(MASK);
                     }
+                    // NATS puts a bare token where a user name goes.
+                    None if is_nats(before) => out.push_str(MASK),
                     None => out.push_str(userinfo),
                 }
                 out.push_str(&authority[at..]);
@@ -47,6 +49,15 @@ pub fn text(text: &str) -> String {
     }
     out.push_str(rest);
     mask_parameters(&out)
+}
+
+/// Whether the text before `://` ends in a NATS scheme.
+fn is_nats(before: &str) -> bool {
+    let scheme = before.trim_end_matches("://");
+    let start = scheme
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '+'))
+        .map_or(0, |at| at + 1);
+    matches!(&scheme[start..], "nats" | "tls" | "ws" | "wss")
 }
 
 fn mask_parameters(text: &str) -> String {
@@ -112,6 +123,16 @@ impl fmt::Display for Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nats_token_is_masked_a_user_name_elsewhere_is_not() {
+        assert_eq!(
+            url("nats://s3cretT0ken@h:4222"),
+            format!("nats://{MASK}@h:4222")
+        );
+        assert_eq!(url("tls://u:pw@h:4222"), format!("tls://u:{MASK}@h:4222"));
+        assert_eq!(url("amqp://guest@h/v"), "amqp://guest@h/v");
+    }
 
     #[test]
     fn passwords_in_urls_are_masked() {

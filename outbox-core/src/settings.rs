@@ -47,6 +47,55 @@ pub enum DeadLetter {
     Nack,
 }
 
+/// Where JetStream keeps a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamStorage {
+    /// On disk (survives a server restart).
+    File,
+    /// In memory.
+    Memory,
+}
+
+/// NATS JetStream, used when `broker.url` is `nats://` or `tls://`.
+#[derive(Clone, PartialEq)]
+pub struct NatsSettings {
+    /// `nats.subject_prefix`: put before every subject (`<prefix>.<subject>`), `outbox` by default; empty for none.
+    pub subject_prefix: String,
+    /// `nats.credentials_file`: a `.creds` file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// `nats.nkey_seed_file`: a file holding an NKey seed (`SU…`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// `nats.publish_window`: publishes awaiting their PubAck at once.
+    pub publish_window: usize,
+    /// `nats.stream`: the stream `outbox-cli stream` creates or checks.
+    pub stream: String,
+    /// `nats.stream_subjects`: its subjects, comma-separated; empty means `<prefix>.>`.
+    pub stream_subjects: Vec<String>,
+    /// `nats.stream_storage`: `file` or `memory`.
+    pub stream_storage: StreamStorage,
+    /// `nats.duplicate_window`: how long JetStream remembers a `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// `nats.replicas`: copies of the stream on a cluster (1 to 5).
+    pub replicas: usize,
+}
+
+impl std::fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // File paths only, never what is in them.
+        f.debug_struct("NatsSettings")
+            .field("subject_prefix", &self.subject_prefix)
+            .field("credentials_file", &self.credentials_file)
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("publish_window", &self.publish_window)
+            .field("stream", &self.stream)
+            .field("stream_subjects", &self.stream_subjects)
+            .field("stream_storage", &self.stream_storage)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("replicas", &self.replicas)
+            .finish()
+    }
+}
+
 /// Database connection.
 #[derive(Clone, PartialEq)]
 pub struct DatabaseSettings {
@@ -186,6 +235,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// `[broker]`
     pub broker: BrokerSettings,
+    /// `[nats]`
+    pub nats: NatsSettings,
     /// `[relay]`
     pub relay: RelaySettings,
     /// `[consumer]`
@@ -206,6 +257,17 @@ impl Default for Settings {
                 heartbeat: 10,
                 maximum_backoff: Duration::from_secs(3600),
                 operation_timeout: Duration::from_secs(30),
+            },
+            nats: NatsSettings {
+                subject_prefix: "outbox".to_owned(),
+                credentials_file: None,
+                nkey_seed_file: None,
+                publish_window: 1000,
+                stream: "OUTBOX".to_owned(),
+                stream_subjects: Vec::new(),
+                stream_storage: StreamStorage::File,
+                duplicate_window: Duration::from_secs(120),
+                replicas: 1,
             },
             relay: RelaySettings {
                 batch_size: 200,
@@ -258,7 +320,7 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("broker.url", |s, v| {
         let mut url = None;
-        set_url(&mut url, v, &["amqp", "amqps"])?;
+        set_url(&mut url, v, &["amqp", "amqps", "nats", "tls"])?;
         s.broker.url = url.unwrap_or_default();
         Ok(())
     }),
@@ -270,6 +332,67 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("broker.operation_timeout", |s, v| {
         set_positive_secs(&mut s.broker.operation_timeout, v)
+    }),
+    ("nats.subject_prefix", |s, v| {
+        let prefix = v.trim_end_matches('.');
+        crate::broker::nats::check_subject(prefix, false).map_err(|problem| {
+            format!("subject tokens, e.g. `orders` or `acme.orders` ({problem})")
+        })?;
+        s.nats.subject_prefix = prefix.to_owned();
+        Ok(())
+    }),
+    ("nats.credentials_file", |s, v| {
+        s.nats.credentials_file = (!v.is_empty()).then(|| PathBuf::from(v));
+        Ok(())
+    }),
+    ("nats.nkey_seed_file", |s, v| {
+        s.nats.nkey_seed_file = (!v.is_empty()).then(|| PathBuf::from(v));
+        Ok(())
+    }),
+    ("nats.publish_window", |s, v| {
+        // async-nats waits for a free PubAck slot without reading acks, so the
+        // window must stay within what we give it; 1 to 10,000.
+        set_int(&mut s.nats.publish_window, v, 1, 10_000)
+    }),
+    ("nats.stream", |s, v| {
+        if v.is_empty()
+            || v.contains(|c: char| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+        {
+            return Err(
+                "a stream name without spaces, `.`, `*`, `>`, `/` or `\\`, e.g. OUTBOX".to_owned(),
+            );
+        }
+        s.nats.stream = v.to_owned();
+        Ok(())
+    }),
+    ("nats.stream_subjects", |s, v| {
+        let subjects: Vec<String> = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for subject in &subjects {
+            crate::broker::nats::check_subject(subject, true).map_err(|problem| {
+                format!("comma-separated subjects, wildcards `*` and `>` allowed ({problem})")
+            })?;
+        }
+        s.nats.stream_subjects = subjects;
+        Ok(())
+    }),
+    ("nats.stream_storage", |s, v| {
+        s.nats.stream_storage = match v {
+            "file" => StreamStorage::File,
+            "memory" => StreamStorage::Memory,
+            _ => return Err("file or memory".to_owned()),
+        };
+        Ok(())
+    }),
+    ("nats.duplicate_window", |s, v| {
+        set_positive_secs(&mut s.nats.duplicate_window, v)
+    }),
+    ("nats.replicas", |s, v| {
+        set_int(&mut s.nats.replicas, v, 1, 5)
     }),
     ("relay.batch_size", |s, v| {
         set_int(&mut s.relay.batch_size, v, 1, 10_000)
@@ -424,7 +547,7 @@ fn set_url(
             Ok(())
         }
         _ if schemes.contains(&"amqp") => {
-            Err("a URL like amqp://user:password@host:5672/vhost (or amqps://)".to_owned())
+            Err("a URL like amqp://user:password@host:5672/vhost (or amqps://), or nats://host:4222 (or tls://) for NATS JetStream".to_owned())
         }
         _ => Err("a URL starting with postgres://, mysql:// or sqlite://".to_owned()),
     }

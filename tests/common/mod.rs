@@ -3,6 +3,7 @@
 
 pub mod amqp;
 pub mod entities;
+pub mod nats;
 pub mod private;
 pub mod script;
 

@@ -53,11 +53,16 @@ async fn run_script(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
+/// A port nothing listens on (below the ephemeral range).
+pub async fn free_port() -> u16 {
+    run_script(&["free-port"]).await.parse().expect("a port")
+}
+
 impl Private {
     /// Start a server; `extra` are rabbitmq.conf lines, or `-c name=value`
     /// pairs for PostgreSQL.
     pub async fn start(server: Server, extra: &[&str]) -> Private {
-        let port: u16 = run_script(&["free-port"]).await.parse().expect("a port");
+        let port = free_port().await;
         let dir = std::env::temp_dir().join(format!(
             "outbox-private-{}-{}",
             server.name(),

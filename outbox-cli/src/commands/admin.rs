@@ -1,9 +1,9 @@
-//! `status`, `failed ...` and `dlq ...`.
+//! `status`, `failed ...`, `dlq ...` and `stream ...`.
 
 use outbox_core::{FailedSelection, Settings};
 
 use super::database;
-use crate::cli::{DlqCommand, FailedCommand};
+use crate::cli::{DlqCommand, FailedCommand, StreamCommand};
 use crate::progress::Progress;
 
 /// `outbox-cli status [--json]`
@@ -34,6 +34,56 @@ pub(crate) async fn status(settings: &Settings, json: bool) -> anyhow::Result<()
     println!("received (inbox): {}", status.received);
     if status.failed > 0 {
         println!("{} FAILED: see `outbox-cli failed list`", status.failed);
+    }
+    if is_nats(settings) {
+        match outbox_core::stream_info(settings).await? {
+            Some(stream) => print_stream(&stream),
+            None => println!(
+                "stream {}: does not exist (create it with `outbox-cli stream create`)",
+                settings.nats.stream
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn is_nats(settings: &Settings) -> bool {
+    settings.broker.url.starts_with("nats://") || settings.broker.url.starts_with("tls://")
+}
+
+fn print_stream(stream: &outbox_core::StreamInfo) {
+    println!(
+        "stream {}: subjects {}, {} storage, duplicate window {} s, {} replica(s), {} messages, {} bytes",
+        stream.name,
+        stream.subjects.join(","),
+        stream.storage,
+        stream.duplicate_window_secs,
+        stream.replicas,
+        stream.messages,
+        stream.bytes
+    );
+}
+
+/// `outbox-cli stream create|show`
+pub(crate) async fn stream(settings: &Settings, command: StreamCommand) -> anyhow::Result<()> {
+    match command {
+        StreamCommand::Create => {
+            let (change, stream) = outbox_core::ensure_stream(settings).await?;
+            let done = match change {
+                outbox_core::StreamChange::Created => "created",
+                outbox_core::StreamChange::Updated => "updated",
+                outbox_core::StreamChange::Unchanged => "already as configured",
+            };
+            println!("{done}");
+            print_stream(&stream);
+        }
+        StreamCommand::Show => match outbox_core::stream_info(settings).await? {
+            Some(stream) => print_stream(&stream),
+            None => anyhow::bail!(
+                "stream {} does not exist; create it with `outbox-cli stream create`",
+                settings.nats.stream
+            ),
+        },
     }
     Ok(())
 }

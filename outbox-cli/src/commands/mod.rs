@@ -7,7 +7,7 @@ mod send;
 mod serve_metrics;
 mod subscribe;
 
-pub(crate) use admin::{dlq, failed, status};
+pub(crate) use admin::{dlq, failed, status, stream};
 pub(crate) use migrate::migrate;
 pub(crate) use publish::publish;
 pub(crate) use send::send;

@@ -17,6 +17,7 @@
 pub(crate) mod amqp;
 #[cfg(feature = "memory")]
 pub(crate) mod memory;
+pub(crate) mod nats;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -24,7 +25,7 @@ use std::future::Future;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::settings::{BrokerSettings, ConsumerSettings};
+use crate::settings::{ConsumerSettings, Settings};
 use crate::{Destination, Error, Message, Result};
 
 /// One outbox row on its way to the broker.
@@ -174,28 +175,35 @@ pub(crate) trait Subscription: Send {
     fn close(self) -> impl Future<Output = ()> + Send;
 }
 
-/// Which broker: chosen by `broker.url` (`amqp://`, `amqps://`), or an
-/// in-memory [`MemoryBroker`](crate::MemoryBroker) (feature `memory`).
+/// Which broker: chosen by `broker.url` (`amqp://`, `amqps://` for
+/// RabbitMQ; `nats://`, `tls://` for NATS JetStream), or an in-memory [`MemoryBroker`](crate::MemoryBroker) (feature `memory`).
 #[derive(Debug, Clone)]
 pub struct Transport(Kind);
 
 #[derive(Debug, Clone)]
 enum Kind {
     Amqp(amqp::Amqp),
+    Nats(Box<nats::Nats>),
     #[cfg(feature = "memory")]
     Memory(memory::MemoryBroker),
 }
 
 impl Transport {
     /// The transport `settings.url` names.
-    pub fn from_settings(settings: &BrokerSettings) -> Result<Transport> {
-        let scheme = settings.url.split_once("://").map(|(scheme, _)| scheme);
+    pub fn from_settings(settings: &Settings) -> Result<Transport> {
+        let broker = &settings.broker;
+        let scheme = broker.url.split_once("://").map(|(scheme, _)| scheme);
         match scheme {
-            Some("amqp" | "amqps") => Ok(Transport(Kind::Amqp(amqp::Amqp::new(settings)))),
+            Some("amqp" | "amqps") => Ok(Transport(Kind::Amqp(amqp::Amqp::new(broker)))),
+            Some("nats" | "tls") => Ok(Transport(Kind::Nats(Box::new(nats::Nats::new(
+                broker,
+                &settings.nats,
+            ))))),
             _ => Err(Error::InvalidSetting {
                 key: "broker.url".to_owned(),
-                value: crate::redact::url(&settings.url),
-                allowed: "expected a URL like amqp://user:password@host:5672/vhost (or amqps://)"
+                value: crate::redact::url(&broker.url),
+                allowed: "expected a URL like amqp://user:password@host:5672/vhost (or amqps://), \
+                          or nats://host:4222 (or tls://) for NATS JetStream"
                     .to_owned(),
             }),
         }
@@ -205,6 +213,7 @@ impl Transport {
     pub fn endpoint(&self) -> String {
         match &self.0 {
             Kind::Amqp(amqp) => amqp.endpoint(),
+            Kind::Nats(nats) => nats.endpoint(),
             #[cfg(feature = "memory")]
             Kind::Memory(_) => "memory".to_owned(),
         }
@@ -213,6 +222,7 @@ impl Transport {
     pub(crate) async fn publisher(&self, name: &str) -> Result<AnyPublisher> {
         Ok(match &self.0 {
             Kind::Amqp(amqp) => AnyPublisher::Amqp(Box::new(amqp.publisher(name).await?)),
+            Kind::Nats(nats) => AnyPublisher::Nats(Box::new(nats.publisher(name).await?)),
             #[cfg(feature = "memory")]
             Kind::Memory(broker) => AnyPublisher::Memory(broker.publisher()?),
         })
@@ -221,6 +231,13 @@ impl Transport {
     pub(crate) async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<AnySubscription> {
         Ok(match &self.0 {
             Kind::Amqp(amqp) => AnySubscription::Amqp(Box::new(amqp.subscribe(spec).await?)),
+            Kind::Nats(nats) => {
+                return Err(Error::UnsupportedByTransport(format!(
+                    "subscribing over NATS ({}) is not built yet; the relay publishes to JetStream, \
+                     consume the stream with a NATS client meanwhile",
+                    nats.endpoint()
+                )));
+            }
             #[cfg(feature = "memory")]
             Kind::Memory(broker) => AnySubscription::Memory(broker.subscribe(spec)?),
         })
@@ -230,8 +247,15 @@ impl Transport {
     pub(crate) fn amqp(&self) -> Option<&amqp::Amqp> {
         match &self.0 {
             Kind::Amqp(amqp) => Some(amqp),
-            #[cfg(feature = "memory")]
-            Kind::Memory(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The NATS side, for the stream tools.
+    pub(crate) fn nats(&self) -> Option<&nats::Nats> {
+        match &self.0 {
+            Kind::Nats(nats) => Some(nats),
+            _ => None,
         }
     }
 }
@@ -247,6 +271,7 @@ impl From<memory::MemoryBroker> for Transport {
 #[derive(Debug)]
 pub(crate) enum AnyPublisher {
     Amqp(Box<amqp::AmqpPublisher>),
+    Nats(Box<nats::NatsPublisher>),
     #[cfg(feature = "memory")]
     Memory(memory::MemoryPublisher),
 }
@@ -255,6 +280,7 @@ impl Publisher for AnyPublisher {
     async fn publish(&mut self, messages: Vec<Envelope>) -> Result<()> {
         match self {
             AnyPublisher::Amqp(p) => p.publish(messages).await,
+            AnyPublisher::Nats(p) => p.publish(messages).await,
             #[cfg(feature = "memory")]
             AnyPublisher::Memory(p) => p.publish(messages).await,
         }
@@ -263,6 +289,7 @@ impl Publisher for AnyPublisher {
     async fn outcomes(&mut self) -> Result<Vec<(Uuid, Outcome)>> {
         match self {
             AnyPublisher::Amqp(p) => p.outcomes().await,
+            AnyPublisher::Nats(p) => p.outcomes().await,
             #[cfg(feature = "memory")]
             AnyPublisher::Memory(p) => p.outcomes().await,
         }
@@ -271,6 +298,7 @@ impl Publisher for AnyPublisher {
     fn in_flight(&self) -> usize {
         match self {
             AnyPublisher::Amqp(p) => p.in_flight(),
+            AnyPublisher::Nats(p) => p.in_flight(),
             #[cfg(feature = "memory")]
             AnyPublisher::Memory(p) => p.in_flight(),
         }
@@ -279,6 +307,7 @@ impl Publisher for AnyPublisher {
     fn is_connected(&self) -> bool {
         match self {
             AnyPublisher::Amqp(p) => p.is_connected(),
+            AnyPublisher::Nats(p) => p.is_connected(),
             #[cfg(feature = "memory")]
             AnyPublisher::Memory(p) => p.is_connected(),
         }
@@ -287,6 +316,7 @@ impl Publisher for AnyPublisher {
     async fn close(self) {
         match self {
             AnyPublisher::Amqp(p) => (*p).close().await,
+            AnyPublisher::Nats(p) => (*p).close().await,
             #[cfg(feature = "memory")]
             AnyPublisher::Memory(p) => p.close().await,
         }
@@ -344,7 +374,7 @@ pub struct Broker {
 
 impl Broker {
     /// Connect to the broker `settings.url` names.
-    pub async fn connect(settings: &BrokerSettings, name: &str) -> Result<Broker> {
+    pub async fn connect(settings: &Settings, name: &str) -> Result<Broker> {
         Broker::connect_to(&Transport::from_settings(settings)?, name).await
     }
 

@@ -165,7 +165,7 @@ impl Consumer {
     fn transport(&self) -> Result<Transport> {
         match &self.transport {
             Some(transport) => Ok(transport.clone()),
-            None => Transport::from_settings(&self.shared.settings.broker),
+            None => Transport::from_settings(&self.shared.settings),
         }
     }
 

@@ -146,7 +146,7 @@ impl Relay {
         crate::schema::check(&self.db, crate::schema::Need::Outbox).await?;
         let transport = match &self.transport {
             Some(transport) => transport.clone(),
-            None => Transport::from_settings(&self.settings.broker)?,
+            None => Transport::from_settings(&self.settings)?,
         };
         let wake = Arc::new(Notify::new());
         let listener = self.spawn_listener(&wake);

@@ -1,0 +1,288 @@
+//! The relay to NATS JetStream, against real nats-servers: the machine's
+//! (streams of each test's own) and private ones that are killed.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::nats::{PrivateNats, TestStream, nats_url};
+use common::{Backend, TestDb, cli, eventually, settings, signal, status_counts, write_messages};
+use outbox_core::entity::published;
+use outbox_core::{Relay, Shutdown, Status, shutdown_channel};
+use sea_orm::{ConnectionTrait, EntityTrait};
+use uuid::Uuid;
+
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod postgres { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Postgres).await } )* }
+        mod mariadb { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::MariaDb).await } )* }
+        mod sqlite { $( #[tokio::test(flavor = "multi_thread")] async fn $name() { super::$name(super::Backend::Sqlite).await } )* }
+    };
+}
+
+on_every_backend!(every_row_arrives_once_with_its_headers);
+
+async fn every_row_arrives_once_with_its_headers(backend: Backend) {
+    let t = TestDb::new(backend).await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&nats_url(), &mut settings).await;
+    settings.relay.batch_size = 64;
+
+    let message = outbox_core::Message::new(
+        "/topic/orders.created",
+        serde_json::json!({"id": 1, "name": "café"}),
+    )
+    .unwrap()
+    .with_version("v1")
+    .unwrap()
+    .with_header("tenant", "acme")
+    .unwrap();
+    let first = outbox_core::write(&t.db, message).await.unwrap();
+    let mut ids = write_messages(&t.db, "/queue/summaries", 299).await;
+    ids.push(first.id);
+
+    let report = Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(report.published, 300);
+
+    let stored = stream.messages().await;
+    assert_eq!(stored.len(), 300, "every row once in the stream");
+    let by_id: BTreeMap<String, _> = stored
+        .iter()
+        .map(|m| (m.headers["dop-msg-id"].clone(), m))
+        .collect();
+    assert_eq!(
+        by_id.keys().cloned().collect::<HashSet<_>>(),
+        ids.iter().map(Uuid::to_string).collect::<HashSet<_>>(),
+        "every row id once"
+    );
+    for (id, message) in &by_id {
+        assert_eq!(
+            message.headers.get("Nats-Msg-Id"),
+            Some(id),
+            "Nats-Msg-Id is the row id"
+        );
+    }
+    let created = by_id[&first.id.to_string()];
+    assert_eq!(
+        created.subject,
+        format!("{}.orders.created.v1", stream.prefix)
+    );
+    assert_eq!(created.headers["dop-msg-id"], first.id.to_string());
+    assert_eq!(
+        created.headers["dop-msg-destination"],
+        "/topic/orders.created.v1"
+    );
+    assert_eq!(created.headers["dop-msg-type"], "Published");
+    assert_eq!(created.headers["tenant"], "acme");
+    assert!(created.headers.contains_key("dop-correlation-id"));
+    let body: serde_json::Value = serde_json::from_slice(&created.body).unwrap();
+    assert_eq!(body, serde_json::json!({"id": 1, "name": "café"}));
+    let summary = by_id[&ids[0].to_string()];
+    assert_eq!(summary.subject, format!("{}.summaries", stream.prefix));
+
+    // Sent again (as after a crash before the marks): JetStream keeps one
+    // copy, and its duplicate ack still marks the rows sent.
+    t.db.execute_unprepared(&format!(
+        "UPDATE published SET status = {} ",
+        Status::Schedule as i32
+    ))
+    .await
+    .unwrap();
+    let again = Relay::new(t.db.clone(), settings)
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(again.published, 300, "duplicate acks count as delivered");
+    assert_eq!(stream.count().await, 300, "no second copy in the stream");
+}
+
+/// A destination no stream captures is the message's fault: FAILED after its
+/// attempts, with the reason, while 10,000 others go through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subject_without_a_stream_fails_alone_while_others_flow() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&nats_url(), &mut settings).await;
+    // The stream captures <prefix>.good.>; <prefix>.stray.x is nobody's.
+    outbox_core::ensure_stream(&{
+        let mut narrow = settings.clone();
+        narrow.nats.stream_subjects = vec![format!("{}.good.>", stream.prefix)];
+        narrow
+    })
+    .await
+    .unwrap();
+    settings.relay.max_retry_attempts = 2;
+    settings.relay.pause_for_retry = Duration::ZERO;
+    settings.relay.wait_retry = Duration::ZERO;
+    settings.relay.batch_size = 500;
+
+    let stray = outbox_core::write(
+        &t.db,
+        outbox_core::Message::new("/topic/stray.x", serde_json::json!({"stray": true})).unwrap(),
+    )
+    .await
+    .unwrap();
+    write_messages(&t.db, "/topic/good.orders", 10_000).await;
+
+    let report = Relay::new(t.db.clone(), settings)
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(report.published, 10_000);
+    assert_eq!(report.failed, 1);
+    assert_eq!(stream.count().await, 10_000);
+    let row = published::Entity::find_by_id(stray.id)
+        .one(&t.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.status, Status::Failed);
+    let error = row.last_error.unwrap_or_default();
+    assert!(
+        error.contains("no JetStream stream captures subject") && error.contains("stray.x"),
+        "{error}"
+    );
+}
+
+/// More rows in flight than async-nats' PubAck slots (5,000 by default, and
+/// it waits for a free one without reading acks) must not hang the relay.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_larger_than_the_ack_limit_does_not_hang() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&nats_url(), &mut settings).await;
+    settings.relay.batch_size = 2_000;
+    settings.relay.max_in_flight = 20_000;
+    settings.nats.publish_window = 6_000;
+    write_messages(&t.db, "/topic/wide", 20_000).await;
+
+    let report = tokio::time::timeout(
+        Duration::from_secs(120),
+        Relay::new(t.db.clone(), settings).run_until_empty(Shutdown::never()),
+    )
+    .await
+    .expect("the relay finishes instead of hanging")
+    .unwrap();
+    assert_eq!(report.published, 20_000);
+    assert_eq!(stream.count().await, 20_000);
+}
+
+/// The server killed (-9) and restarted mid-drain: every row arrives, once
+/// (the stream drops re-sent ids), and the outage costs no row an attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_restart_mid_drain_loses_nothing_and_counts_no_attempt() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut server = PrivateNats::start().await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&server.url(), &mut settings).await;
+    settings.broker.maximum_backoff = Duration::from_millis(500);
+    settings.broker.operation_timeout = Duration::from_secs(5);
+    settings.relay.claim_lease = Duration::from_secs(30);
+    settings.relay.batch_size = 500;
+    settings.relay.max_in_flight = 2_000;
+    let ids = write_messages(&t.db, "/topic/restart", 30_000).await;
+
+    let (stop, shutdown) = shutdown_channel();
+    let relay = tokio::spawn(Relay::new(t.db.clone(), settings).run(shutdown));
+    eventually(
+        Duration::from_secs(60),
+        "some rows in the stream",
+        || async { stream.count().await >= 3_000 },
+    )
+    .await;
+    server.kill().await;
+    let before = status_counts(&t.db)
+        .await
+        .get(&(Status::Succeeded as i32))
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        before < 30_000,
+        "the server went down mid-drain ({before} rows sent)"
+    );
+    server.up().await;
+    eventually(Duration::from_secs(120), "every row sent", || async {
+        status_counts(&t.db).await.get(&(Status::Succeeded as i32)) == Some(&30_000)
+    })
+    .await;
+    stop.trigger();
+    relay.await.unwrap().unwrap();
+
+    let stored = stream.messages().await;
+    let distinct: HashSet<&str> = stored
+        .iter()
+        .map(|m| m.headers["dop-msg-id"].as_str())
+        .collect();
+    assert_eq!(distinct.len(), ids.len(), "every id in the stream");
+    assert_eq!(stored.len(), ids.len(), "no id twice in the stream");
+    let rows = published::Entity::find().all(&t.db).await.unwrap();
+    let retries: i64 = rows.iter().map(|row| i64::from(row.retry)).sum();
+    assert_eq!(retries, 0, "an outage counts no attempt");
+}
+
+/// kill -9 of the relay mid-drain of 50,000 rows, then a second relay: the
+/// rows the first sent without marking go again, and JetStream keeps one copy
+/// of each (`Nats-Msg-Id`): every id once in the stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_killed_mid_drain_leaves_no_duplicate_in_the_stream() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&nats_url(), &mut settings).await;
+    let total = 50_000;
+    write_messages(&t.db, "/topic/killed", total).await;
+    let sent = || async {
+        status_counts(&t.db)
+            .await
+            .get(&(Status::Succeeded as i32))
+            .copied()
+            .unwrap_or(0)
+    };
+    let relay = || {
+        let mut command = cli(&t.url);
+        command
+            .env("AMQP_URL", nats_url())
+            .env("OUTBOX_NATS_STREAM", &stream.name)
+            .env("OUTBOX_NATS_SUBJECT_PREFIX", &stream.prefix)
+            .env("OUTBOX_RELAY_BATCH_SIZE", "500")
+            .env("OUTBOX_RELAY_MAX_IN_FLIGHT", "2000")
+            .env("OUTBOX_RELAY_CLAIM_LEASE", "3")
+            .env("OUTBOX_BROKER_OPERATION_TIMEOUT", "2")
+            .arg("publish")
+            .stderr(std::process::Stdio::null());
+        command.spawn().unwrap()
+    };
+    let mut first = relay();
+    eventually(Duration::from_secs(60), "10,000 sent", || async {
+        sent().await >= 10_000
+    })
+    .await;
+    signal(&first, "KILL");
+    first.wait().await.unwrap();
+    let at_kill = sent().await;
+    let in_stream_at_kill = stream.count().await;
+    assert!(at_kill < total as u64, "killed mid-drain");
+
+    let mut second = relay();
+    eventually(Duration::from_secs(120), "every row sent", || async {
+        sent().await == total as u64
+    })
+    .await;
+    signal(&second, "TERM");
+    assert!(second.wait().await.unwrap().success());
+
+    let stored = stream.messages().await;
+    let distinct: HashSet<&str> = stored
+        .iter()
+        .map(|m| m.headers["dop-msg-id"].as_str())
+        .collect();
+    eprintln!(
+        "relay kill -9: {at_kill} rows marked and {in_stream_at_kill} in the stream at the kill; {} stream entries after",
+        stored.len()
+    );
+    assert_eq!(distinct.len(), total, "every id in the stream");
+    assert_eq!(stored.len(), total, "zero duplicate stream entries");
+}
