@@ -286,3 +286,199 @@ async fn a_relay_killed_mid_drain_leaves_no_duplicate_in_the_stream() {
     assert_eq!(distinct.len(), total, "every id in the stream");
     assert_eq!(stored.len(), total, "zero duplicate stream entries");
 }
+
+// ---- the consumer over JetStream ----
+
+struct Running {
+    trigger: outbox_core::ShutdownTrigger,
+    task: tokio::task::JoinHandle<outbox_core::ConsumerReport>,
+}
+
+impl Running {
+    fn start(consumer: outbox_core::Consumer) -> Running {
+        let (trigger, shutdown) = shutdown_channel();
+        Running {
+            trigger,
+            task: tokio::spawn(async move { consumer.run(shutdown).await.expect("consumer run") }),
+        }
+    }
+
+    async fn stop(self) -> outbox_core::ConsumerReport {
+        self.trigger.trigger();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("consumer stops")
+            .expect("consumer task")
+    }
+}
+
+/// The durable's unacked and undelivered counts.
+async fn durable_backlog(url: &str, stream: &str, durable: &str) -> (usize, u64) {
+    let jetstream = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .get_consumer(durable)
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.num_ack_pending, info.num_pending)
+}
+
+/// Relay rows to JetStream, consume them with `#[callback]`-style code: one
+/// `received` row each, every delivery acked; a message id seen before is
+/// acked without running the callback; a nack goes to the dead-letter subject.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_consumer_saves_once_acks_and_dead_letters() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&nats_url(), &mut settings).await;
+    // One transaction per message, so every run is counted once (with group
+    // commit, a nack makes its batch's other messages run again alone).
+    settings.consumer.batch_size = 1;
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = runs.clone();
+    let consumer = outbox_core::Consumer::new(
+        t.db.clone(),
+        settings.clone(),
+        "/topic/orders.created",
+        Some("shipping"),
+        move |payload: outbox_core::Payload| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if payload.body()["bad"] == true {
+                    return Ok(payload.nack("bad order"));
+                }
+                Ok(payload.save_alone().await?)
+            }
+        },
+    )
+    .unwrap();
+    let declared = consumer.declare().await.unwrap();
+    assert_eq!(declared.queue, "shipping");
+    assert_eq!(
+        declared.dead_letter_queue,
+        format!("DLQ.{}.shipping", stream.name)
+    );
+    let running = Running::start(consumer);
+
+    write_messages(&t.db, "/topic/orders.created", 500).await;
+    let bad = outbox_core::write(
+        &t.db,
+        outbox_core::Message::new("/topic/orders.created", serde_json::json!({"bad": true}))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "500 received rows", || async {
+        common::received_count(&t.db).await == 500
+    })
+    .await;
+
+    // The same message id again, as a second JetStream message (another
+    // Nats-Msg-Id, so JetStream keeps both): acked, not run, not stored.
+    let again = stream.messages().await.into_iter().next().unwrap();
+    let client = async_nats::connect(&stream.url).await.unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in &again.headers {
+        if name != "Nats-Msg-Id" {
+            headers.insert(name.as_str(), value.as_str());
+        }
+    }
+    async_nats::jetstream::new(client)
+        .publish_with_headers(again.subject.clone(), headers, again.body.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "everything acked", || async {
+        durable_backlog(&stream.url, &stream.name, "shipping").await == (0, 0)
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(common::received_count(&t.db).await, 500);
+    assert_eq!(report.duplicates, 1, "{report:?}");
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        501,
+        "500 saved and one nacked; the duplicate did not run"
+    );
+
+    // The nacked one is in DLQ.<stream>.shipping with why.
+    let dlq = async_nats::jetstream::new(async_nats::connect(&stream.url).await.unwrap());
+    let dead = dlq
+        .get_stream(format!("{}_DLQ", stream.name))
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&format!("DLQ.{}.shipping", stream.name))
+        .await
+        .unwrap();
+    let dead_headers = dead.headers;
+    assert_eq!(
+        dead_headers.get("dop-msg-id").map(|v| v.as_str()),
+        Some(bad.id.to_string().as_str())
+    );
+    let why = dead_headers
+        .get("x-outbox-error")
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(why.contains("bad order"), "{why}");
+    let _ = dlq.delete_stream(format!("{}_DLQ", stream.name)).await;
+}
+
+/// The server killed (-9) and restarted while the consumer works: every
+/// message is consumed, each stored once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_restart_mid_consume_consumes_everything_once() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut server = PrivateNats::start().await;
+    let mut settings = settings(&t.url);
+    let _stream = TestStream::create(&server.url(), &mut settings).await;
+    settings.broker.maximum_backoff = Duration::from_millis(500);
+    settings.broker.operation_timeout = Duration::from_secs(5);
+    let total = 5_000;
+    write_messages(&t.db, "/topic/restart.consume", total).await;
+    Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+
+    let consumer = outbox_core::Consumer::new(
+        t.db.clone(),
+        settings.clone(),
+        "/topic/restart.consume",
+        Some("restart"),
+        |payload: outbox_core::Payload| async move { Ok(payload.save_alone().await?) },
+    )
+    .unwrap();
+    let running = Running::start(consumer);
+    eventually(Duration::from_secs(60), "some consumed", || async {
+        common::received_count(&t.db).await >= 500
+    })
+    .await;
+    server.kill().await;
+    let at_kill = common::received_count(&t.db).await;
+    assert!(
+        at_kill < total as u64,
+        "the server went down mid-consume ({at_kill})"
+    );
+    server.up().await;
+    eventually(
+        Duration::from_secs(120),
+        "every message consumed",
+        || async { common::received_count(&t.db).await == total as u64 },
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(
+        common::received_count(&t.db).await,
+        total as u64,
+        "each once"
+    );
+}

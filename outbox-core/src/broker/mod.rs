@@ -231,13 +231,7 @@ impl Transport {
     pub(crate) async fn subscribe(&self, spec: &SubscriptionSpec) -> Result<AnySubscription> {
         Ok(match &self.0 {
             Kind::Amqp(amqp) => AnySubscription::Amqp(Box::new(amqp.subscribe(spec).await?)),
-            Kind::Nats(nats) => {
-                return Err(Error::UnsupportedByTransport(format!(
-                    "subscribing over NATS ({}) is not built yet; the relay publishes to JetStream, \
-                     consume the stream with a NATS client meanwhile",
-                    nats.endpoint()
-                )));
-            }
+            Kind::Nats(nats) => AnySubscription::Nats(Box::new(nats.subscribe(spec).await?)),
             #[cfg(feature = "memory")]
             Kind::Memory(broker) => AnySubscription::Memory(broker.subscribe(spec)?),
         })
@@ -327,6 +321,7 @@ impl Publisher for AnyPublisher {
 #[derive(Debug)]
 pub(crate) enum AnySubscription {
     Amqp(Box<amqp::AmqpSubscription>),
+    Nats(Box<nats::NatsSubscription>),
     #[cfg(feature = "memory")]
     Memory(memory::MemorySubscription),
 }
@@ -335,6 +330,7 @@ impl Subscription for AnySubscription {
     fn declaration(&self) -> &QueueDeclaration {
         match self {
             AnySubscription::Amqp(s) => s.declaration(),
+            AnySubscription::Nats(s) => s.declaration(),
             #[cfg(feature = "memory")]
             AnySubscription::Memory(s) => s.declaration(),
         }
@@ -343,6 +339,7 @@ impl Subscription for AnySubscription {
     fn settler(&self) -> Settler {
         match self {
             AnySubscription::Amqp(s) => s.settler(),
+            AnySubscription::Nats(s) => s.settler(),
             #[cfg(feature = "memory")]
             AnySubscription::Memory(s) => s.settler(),
         }
@@ -351,6 +348,7 @@ impl Subscription for AnySubscription {
     async fn next(&mut self) -> Result<Delivery> {
         match self {
             AnySubscription::Amqp(s) => s.next().await,
+            AnySubscription::Nats(s) => s.next().await,
             #[cfg(feature = "memory")]
             AnySubscription::Memory(s) => s.next().await,
         }
@@ -359,6 +357,7 @@ impl Subscription for AnySubscription {
     async fn close(self) {
         match self {
             AnySubscription::Amqp(s) => (*s).close().await,
+            AnySubscription::Nats(s) => (*s).close().await,
             #[cfg(feature = "memory")]
             AnySubscription::Memory(s) => s.close().await,
         }

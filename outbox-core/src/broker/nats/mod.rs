@@ -4,10 +4,12 @@
 //! with `Nats-Msg-Id` = row id, so JetStream drops a second copy inside the
 //! stream's duplicate window, and is confirmed by its PubAck.
 
+mod consume;
 mod publish;
 pub(crate) mod stream;
 mod subject;
 
+pub(crate) use consume::NatsSubscription;
 pub(crate) use publish::NatsPublisher;
 pub(crate) use subject::{check_subject, subject};
 
@@ -198,6 +200,13 @@ impl Nats {
 
     pub(crate) async fn publisher(&self, name: &str) -> Result<NatsPublisher> {
         NatsPublisher::open(self, name).await
+    }
+
+    pub(crate) async fn subscribe(
+        &self,
+        spec: &crate::broker::SubscriptionSpec,
+    ) -> Result<NatsSubscription> {
+        NatsSubscription::open(self, spec).await
     }
 }
 

@@ -122,6 +122,24 @@ impl Nats {
             }
             Err(err) => return Err(call(&err)),
         };
+        // Where the consumer copies failed messages: DLQ.<stream>.<durable>.
+        let dead_letters = Config {
+            name: super::consume::dead_letter_stream(&wanted.name),
+            subjects: vec![format!("DLQ.{}.>", wanted.name)],
+            storage: wanted.storage,
+            num_replicas: wanted.num_replicas,
+            ..Config::default()
+        };
+        match jetstream.get_stream(&dead_letters.name).await {
+            Ok(_) => {}
+            Err(err) if is_not_found(&err) => {
+                jetstream
+                    .create_stream(dead_letters)
+                    .await
+                    .map_err(|err| call(&err))?;
+            }
+            Err(err) => return Err(call(&err)),
+        }
         let info = self.stream_info_on(&jetstream, &wanted.name).await?;
         Ok((change, info))
     }
@@ -162,7 +180,7 @@ impl Nats {
         })
     }
 
-    fn api_error(&self, operation: &'static str, err: &dyn std::error::Error) -> Error {
+    pub(crate) fn api_error(&self, operation: &'static str, err: &dyn std::error::Error) -> Error {
         Error::Broker {
             operation,
             endpoint: self.endpoint(),
@@ -171,7 +189,7 @@ impl Nats {
     }
 }
 
-fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
+pub(crate) fn is_not_found(err: &async_nats::jetstream::context::GetStreamError) -> bool {
     use async_nats::jetstream::ErrorCode;
     use async_nats::jetstream::context::GetStreamErrorKind;
     matches!(err.kind(), GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND)

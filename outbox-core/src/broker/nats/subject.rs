@@ -14,6 +14,20 @@ use crate::{Destination, Error, Result};
 
 /// The subject `destination` is published to.
 pub(crate) fn subject(prefix: &str, destination: &Destination) -> Result<String> {
+    let subject = name(prefix, destination)?;
+    check_subject(&subject, false).map_err(|problem| refused(destination, problem))?;
+    Ok(subject)
+}
+
+/// The subject filter a subscription to `destination` uses: `*` and a
+/// final `>` allowed.
+pub(crate) fn filter(prefix: &str, destination: &Destination) -> Result<String> {
+    let subject = name(prefix, destination)?;
+    check_subject(&subject, true).map_err(|problem| refused(destination, problem))?;
+    Ok(subject)
+}
+
+fn name(prefix: &str, destination: &Destination) -> Result<String> {
     let name = match destination.kind() {
         Kind::Topic { routing_key } => routing_key.clone(),
         Kind::Exchange {
@@ -33,13 +47,11 @@ pub(crate) fn subject(prefix: &str, destination: &Destination) -> Result<String>
             ));
         }
     };
-    let subject = if prefix.is_empty() {
+    Ok(if prefix.is_empty() {
         name
     } else {
         format!("{prefix}.{name}")
-    };
-    check_subject(&subject, false).map_err(|problem| refused(destination, problem))?;
-    Ok(subject)
+    })
 }
 
 fn refused(destination: &Destination, problem: String) -> Error {
@@ -140,6 +152,19 @@ mod tests {
         assert!(star.contains("wildcard"), "{star}");
         let empty = subject_of("outbox", "/topic/orders..created").unwrap_err();
         assert!(empty.contains("empty token"), "{empty}");
+    }
+
+    #[test]
+    fn subscriptions_may_use_nats_wildcards_not_amqp_ones() {
+        let filter_of =
+            |d: &str| filter("outbox", &Destination::parse(d).unwrap()).map_err(|e| e.to_string());
+        assert_eq!(filter_of("/topic/orders.*").unwrap(), "outbox.orders.*");
+        assert_eq!(filter_of("/topic/orders.>").unwrap(), "outbox.orders.>");
+        assert!(
+            filter_of("/topic/orders.#")
+                .unwrap_err()
+                .contains("NATS writes it `>`")
+        );
     }
 
     #[test]

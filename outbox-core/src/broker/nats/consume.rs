@@ -1,0 +1,301 @@
+//! Consuming a JetStream stream through a durable pull consumer with
+//! explicit acks.
+//!
+//! The durable is the subscription's queue name (`.` becomes `_`, which
+//! JetStream names cannot hold); it filters the stream on the destination's
+//! subject and remembers its position across restarts. Each delivery is
+//! acked after its transaction commits, `nak`ed with a delay when it must
+//! come again, and a failed one is copied to `DLQ.<stream>.<durable>` (kept
+//! by the stream `<stream>_DLQ` that `outbox-cli stream create` makes) with
+//! why it failed, then acked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::{Nats, subject};
+use crate::broker::{Delivery, QueueDeclaration, Settle, SettleEvent, Settler, SubscriptionSpec};
+use crate::{Error, Result};
+
+type Held = Arc<Mutex<HashMap<u64, async_nats::jetstream::Message>>>;
+
+/// A durable pull consumer on its own connection.
+pub(crate) struct NatsSubscription {
+    nats: Nats,
+    client: async_nats::Client,
+    messages: pull::Stream,
+    declaration: QueueDeclaration,
+    subscribed: String,
+    settler: Settler,
+    events: mpsc::UnboundedSender<SettleEvent>,
+    acker: JoinHandle<()>,
+    held: Held,
+    next_tag: u64,
+}
+
+impl std::fmt::Debug for NatsSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSubscription")
+            .field("durable", &self.declaration.queue)
+            .field("subject", &self.subscribed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The JetStream durable name for a queue name.
+pub(crate) fn durable_name(queue: &str) -> std::result::Result<String, String> {
+    let durable = queue.replace('.', "_");
+    if durable.is_empty()
+        || durable.contains(|c: char| c.is_whitespace() || matches!(c, '*' | '>' | '/' | '\\'))
+    {
+        return Err(format!(
+            "`{queue}` cannot name a JetStream durable consumer (no spaces, `*`, `>`, `/` or `\\`)"
+        ));
+    }
+    Ok(durable)
+}
+
+/// The stream that keeps the dead letters of `stream`.
+pub(crate) fn dead_letter_stream(stream: &str) -> String {
+    format!("{stream}_DLQ")
+}
+
+impl NatsSubscription {
+    pub(crate) async fn open(nats: &Nats, spec: &SubscriptionSpec) -> Result<NatsSubscription> {
+        let refused = |reason: String, fix: &str| Error::SubscriptionRefused {
+            destination: spec.destination.to_string(),
+            reason,
+            fix: fix.to_owned(),
+        };
+        let settings = nats.settings();
+        let filter = subject::filter(&settings.subject_prefix, &spec.destination)?;
+        let durable = durable_name(&spec.queue).map_err(|reason| {
+            refused(reason, "give a queue name of letters, digits, `-` and `_`")
+        })?;
+        let client = nats.connect(&spec.name).await?;
+        let jetstream = nats.jetstream(client.clone());
+        let stream_name = &settings.stream;
+        let stream = jetstream.get_stream(stream_name).await.map_err(|err| {
+            if super::stream::is_not_found(&err) {
+                refused(
+                    format!("the JetStream stream {stream_name} does not exist"),
+                    "create it with `outbox-cli stream create` (nats.stream names it)",
+                )
+            } else {
+                nats.api_error("stream info", &err)
+            }
+        })?;
+        let dead_letters = dead_letter_stream(stream_name);
+        if let Err(err) = jetstream.get_stream(&dead_letters).await {
+            return Err(if super::stream::is_not_found(&err) {
+                refused(
+                    format!("the dead-letter stream {dead_letters} does not exist"),
+                    "create it with `outbox-cli stream create`, which makes both",
+                )
+            } else {
+                nats.api_error("stream info", &err)
+            });
+        }
+        let config = pull::Config {
+            durable_name: Some(durable.clone()),
+            filter_subject: filter.clone(),
+            ack_policy: AckPolicy::Explicit,
+            max_deliver: i64::from(spec.consumer.delivery_limit),
+            max_ack_pending: i64::from(spec.consumer.effective_prefetch()),
+            ack_wait: nats.timeout(),
+            ..pull::Config::default()
+        };
+        let consumer = stream
+            .get_or_create_consumer(&durable, config)
+            .await
+            .map_err(|err| {
+                refused(
+                    format!("JetStream refused the durable consumer {durable}: {err}"),
+                    "check that nats.stream_subjects capture the destination's subject, or delete the durable if it was made with another filter",
+                )
+            })?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(usize::from(spec.consumer.effective_prefetch()))
+            .messages()
+            .await
+            .map_err(|err| nats.api_error("consume", &err))?;
+        let held = Held::default();
+        let (settler, events) = Settler::channel();
+        let acker = tokio::spawn(run_acker(
+            Acker {
+                jetstream,
+                held: held.clone(),
+                dead_letter_subject: format!("DLQ.{stream_name}.{durable}"),
+                durable: durable.clone(),
+                retry_wait: spec.consumer.retry_wait,
+                failed: false,
+            },
+            events,
+        ));
+        debug!(durable, subject = %filter, stream = %stream_name, "consuming JetStream");
+        Ok(NatsSubscription {
+            nats: nats.clone(),
+            client,
+            messages,
+            declaration: QueueDeclaration {
+                queue: durable.clone(),
+                dead_letter_queue: format!("DLQ.{stream_name}.{durable}"),
+            },
+            subscribed: spec.destination.to_string(),
+            events: settler.sender(),
+            settler,
+            acker,
+            held,
+            next_tag: 0,
+        })
+    }
+
+    pub(crate) fn declaration(&self) -> &QueueDeclaration {
+        &self.declaration
+    }
+
+    pub(crate) fn settler(&self) -> Settler {
+        self.settler.clone()
+    }
+
+    pub(crate) async fn next(&mut self) -> Result<Delivery> {
+        match self.messages.next().await {
+            Some(Ok(message)) => {
+                self.next_tag += 1;
+                let tag = self.next_tag;
+                let _ = self.events.send(SettleEvent::Delivered(tag));
+                let delivery = self.delivery(tag, &message);
+                if let Ok(mut held) = self.held.lock() {
+                    held.insert(tag, message);
+                }
+                Ok(delivery)
+            }
+            Some(Err(err)) => Err(Error::Broker {
+                operation: "consume",
+                endpoint: self.nats.endpoint(),
+                source: Box::new(err),
+            }),
+            None => Err(Error::BrokerTimeout {
+                operation: "consume (the server ended the consumer)",
+                timeout: self.nats.timeout(),
+            }),
+        }
+    }
+
+    fn delivery(&self, tag: u64, message: &async_nats::jetstream::Message) -> Delivery {
+        let mut headers = BTreeMap::new();
+        let mut transport_id = None;
+        if let Some(map) = &message.headers {
+            for (name, values) in map.iter() {
+                let (Some(value), name) = (values.first(), name.to_string()) else {
+                    continue;
+                };
+                if name.eq_ignore_ascii_case("Nats-Msg-Id") {
+                    transport_id = Some(value.as_str().to_owned());
+                }
+                headers.insert(name, value.as_str().to_owned());
+            }
+        }
+        let redelivered = message.info().is_ok_and(|info| info.delivered > 1);
+        headers.insert("destination".to_owned(), self.subscribed.clone());
+        headers.insert("redelivered".to_owned(), redelivered.to_string());
+        Delivery {
+            tag,
+            headers,
+            transport_id,
+            body: message.payload.to_vec(),
+            redelivered,
+        }
+    }
+
+    pub(crate) async fn close(self) {
+        // Stop pulling; what was pulled and not handed out comes again after
+        // the ack wait.
+        drop(self.messages);
+        drop(self.events);
+        drop(self.settler);
+        let _ = self.acker.await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+    }
+}
+
+async fn run_acker(mut acker: Acker, mut events: mpsc::UnboundedReceiver<SettleEvent>) {
+    while let Some(event) = events.recv().await {
+        if let SettleEvent::Settled(tag, settle) = event {
+            acker.settle(tag, settle).await;
+        }
+    }
+}
+
+struct Acker {
+    jetstream: async_nats::jetstream::Context,
+    held: Held,
+    dead_letter_subject: String,
+    durable: String,
+    retry_wait: Duration,
+    /// Whether an ack already failed (logged once).
+    failed: bool,
+}
+
+impl Acker {
+    async fn settle(&mut self, tag: u64, settle: Settle) {
+        let Some(message) = self.held.lock().ok().and_then(|mut held| held.remove(&tag)) else {
+            return;
+        };
+        let acked = match settle {
+            Settle::Ack => message.ack().await,
+            Settle::Retry => message.ack_with(AckKind::Nak(Some(self.retry_wait))).await,
+            Settle::DeadLetter(reason) => match self.copy(&message, &reason).await {
+                Ok(()) => message.ack().await,
+                Err(err) => {
+                    warn!(error = %err, subject = %self.dead_letter_subject, "could not copy a failed message to the dead-letter subject; it comes again");
+                    message.ack_with(AckKind::Nak(Some(self.retry_wait))).await
+                }
+            },
+        };
+        if let Err(err) = acked
+            && !self.failed
+        {
+            self.failed = true;
+            warn!(error = %err, "could not ack/nak; JetStream will deliver those messages again and the duplicates are skipped");
+        }
+    }
+
+    /// Publish the delivery to the dead-letter subject with why it failed,
+    /// and wait for the PubAck.
+    async fn copy(
+        &self,
+        message: &async_nats::jetstream::Message,
+        reason: &str,
+    ) -> std::result::Result<(), String> {
+        let mut headers = message.headers.clone().unwrap_or_default();
+        // Nats-Msg-Id stays: a message dead-lettered again (its ack lost)
+        // is dropped by the dead-letter stream as a duplicate.
+        let reason: String = reason
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        headers.insert("x-outbox-error", reason.as_str());
+        headers.insert("x-outbox-queue", self.durable.as_str());
+        let ack = self
+            .jetstream
+            .publish_with_headers(
+                self.dead_letter_subject.clone(),
+                headers,
+                message.payload.clone(),
+            )
+            .await
+            .map_err(|err| err.to_string())?;
+        ack.await.map_err(|err| err.to_string())?;
+        debug!(subject = %self.dead_letter_subject, "failed message copied to the dead-letter subject");
+        Ok(())
+    }
+}
