@@ -4,6 +4,7 @@
 //! Needs only RabbitMQ on localhost (the database is a SQLite file):
 //!
 //!     scripts/demo.sh            # or: cargo run --example quickstart
+//!     scripts/demo.sh nats       # the same over NATS JetStream (AMQP_URL=nats://127.0.0.1:4222)
 //!
 //! `DATABASE_URL` (default `sqlite://target/quickstart.db?mode=rwc`) and
 //! `AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`) override.
@@ -74,6 +75,17 @@ async fn main() -> anyhow::Result<()> {
         outbox_core::redact::url(&settings.broker.url)
     );
 
+    let nats = settings.broker.url.starts_with("nats://");
+    if nats {
+        // JetStream keeps messages in a stream, made (or checked) here.
+        let (change, stream) = outbox_core::ensure_stream(&settings).await?;
+        println!(
+            "stream:   {} on {} ({change:?})",
+            stream.name,
+            stream.subjects.join(",")
+        );
+    }
+
     // 1. Schema: the outbox tables, and our own table.
     let db = outbox_core::connect(&settings).await?;
     outbox_core::migrate(&db).await?;
@@ -143,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
         ours.len()
     );
 
-    // 4. Relay the outbox to RabbitMQ (publisher confirms), then stop.
+    // 4. Relay the outbox to the broker (publisher confirms / PubAcks), then stop.
     let report = Relay::new(db.clone(), settings.clone())
         .run_until_empty(Shutdown::never())
         .await?;
@@ -172,12 +184,19 @@ async fn main() -> anyhow::Result<()> {
         "consumed {} messages, {received} recorded in `received`",
         consumed.saved
     );
-    delete_queue(&settings.broker.url, &queue).await?;
+    if nats {
+        delete_durable(&settings, &queue).await?;
+    } else {
+        delete_queue(&settings.broker.url, &queue).await?;
+    }
     anyhow::ensure!(
         report.published == 3 && ours.len() == 3 && consumed.saved >= 3,
         "expected 3 messages end to end"
     );
-    println!("done: save → outbox → RabbitMQ → callback, nothing lost, nothing twice");
+    println!(
+        "done: save → outbox → {} → callback, nothing lost, nothing twice",
+        if nats { "NATS JetStream" } else { "RabbitMQ" }
+    );
     Ok(())
 }
 
@@ -194,5 +213,20 @@ async fn delete_queue(url: &str, queue: &outbox_core::QueueDeclaration) -> anyho
             .await?;
     }
     connection.close(0, "".into()).await?;
+    Ok(())
+}
+
+/// The NATS counterpart: remove this run's durable consumer.
+async fn delete_durable(
+    settings: &Settings,
+    queue: &outbox_core::QueueDeclaration,
+) -> anyhow::Result<()> {
+    let client = async_nats::connect(&settings.broker.url).await?;
+    let jetstream = async_nats::jetstream::new(client);
+    jetstream
+        .get_stream(&settings.nats.stream)
+        .await?
+        .delete_consumer(&queue.queue)
+        .await?;
     Ok(())
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, against real PostgreSQL, MariaDB, SQLite and RabbitMQ
+# The whole test suite, against real PostgreSQL, MariaDB, SQLite, RabbitMQ, NATS JetStream
 # (and the Python django-outbox-pattern library for the interop tests).
 # Starts, or installs, the services it needs first.
 set -euo pipefail
@@ -12,3 +12,5 @@ export RUST_BACKTRACE=1
 cargo test --workspace --all-targets --no-fail-fast "$@"
 # The README's whole service, as a crate of its own (postgres driver only).
 scripts/minimal-service.sh
+# The quickstart over NATS JetStream (the suite ran it over RabbitMQ).
+scripts/demo.sh nats

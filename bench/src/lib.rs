@@ -605,7 +605,7 @@ pub fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {
 /// CPU time per process group, from `/proc`: who burns the two cores.
 #[derive(Debug, Clone, Default)]
 pub struct CpuSnapshot {
-    /// Clock ticks per group (`postgres`, `rabbitmq`, `outbox-cli`, `this process`, `other`).
+    /// Clock ticks per group (`postgres`, `rabbitmq`, `nats-server`, `outbox-cli`, `this process`, `other`).
     pub ticks: BTreeMap<&'static str, u64>,
     /// Busy and total ticks of the whole machine (`/proc/stat`).
     pub machine: (u64, u64),
@@ -644,6 +644,8 @@ impl CpuSnapshot {
                     "postgres"
                 } else if comm == "beam.smp" || comm == "erl_child_setup" || comm == "epmd" {
                     "rabbitmq"
+                } else if comm == "nats-server" {
+                    "nats-server"
                 } else if comm == "outbox-cli" {
                     "outbox-cli"
                 } else {
@@ -700,7 +702,7 @@ impl CpuSnapshot {
 }
 
 impl CpuSnapshot {
-    /// CPU used by processes other than this one, PostgreSQL and RabbitMQ
+    /// CPU used by processes other than this one, PostgreSQL, RabbitMQ and NATS
     /// since `earlier`, as a share of one core over `wall` seconds: a
     /// compiler or test run next to the benchmark.
     pub fn other_share(&self, earlier: &CpuSnapshot, wall: f64) -> f64 {
