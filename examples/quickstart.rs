@@ -75,9 +75,13 @@ async fn main() -> anyhow::Result<()> {
         outbox_core::redact::url(&settings.broker.url)
     );
 
+    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let nats = settings.broker.url.starts_with("nats://");
     if nats {
-        // JetStream keeps messages in a stream, made (or checked) here.
+        // JetStream keeps messages in a stream: this run's own (the server
+        // may be shared), made here and removed at the end.
+        settings.nats.stream = format!("QUICKSTART_{run}");
+        settings.nats.subject_prefix = format!("quickstart{run}");
         let (change, stream) = outbox_core::ensure_stream(&settings).await?;
         println!(
             "stream:   {} on {} ({change:?})",
@@ -185,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
         consumed.saved
     );
     if nats {
-        delete_durable(&settings, &queue).await?;
+        delete_stream(&settings).await?;
     } else {
         delete_queue(&settings.broker.url, &queue).await?;
     }
@@ -216,17 +220,13 @@ async fn delete_queue(url: &str, queue: &outbox_core::QueueDeclaration) -> anyho
     Ok(())
 }
 
-/// The NATS counterpart: remove this run's durable consumer.
-async fn delete_durable(
-    settings: &Settings,
-    queue: &outbox_core::QueueDeclaration,
-) -> anyhow::Result<()> {
+/// The NATS counterpart: remove this run's streams (and so its durable).
+async fn delete_stream(settings: &Settings) -> anyhow::Result<()> {
     let client = async_nats::connect(&settings.broker.url).await?;
     let jetstream = async_nats::jetstream::new(client);
+    jetstream.delete_stream(&settings.nats.stream).await?;
     jetstream
-        .get_stream(&settings.nats.stream)
-        .await?
-        .delete_consumer(&queue.queue)
+        .delete_stream(format!("{}_DLQ", settings.nats.stream))
         .await?;
     Ok(())
 }

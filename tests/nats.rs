@@ -429,7 +429,6 @@ async fn the_consumer_saves_once_acks_and_dead_letters() {
         .map(|v| v.as_str().to_owned())
         .unwrap_or_default();
     assert!(why.contains("bad order"), "{why}");
-    let _ = dlq.delete_stream(format!("{}_DLQ", stream.name)).await;
 }
 
 /// The server killed (-9) and restarted while the consumer works: every

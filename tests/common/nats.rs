@@ -21,7 +21,8 @@ pub struct Stored {
     pub body: Vec<u8>,
 }
 
-/// A stream of the test's own (name and subject prefix unique), deleted on drop.
+/// A stream of the test's own (name and subject prefix unique), deleted with
+/// its dead-letter stream on drop.
 pub struct TestStream {
     pub name: String,
     pub prefix: String,
@@ -97,9 +98,14 @@ impl Drop for TestStream {
                 .enable_all()
                 .build();
             if let Ok(runtime) = runtime {
-                let _ = runtime.block_on(async {
-                    tokio::time::timeout(Duration::from_secs(5), jetstream.delete_stream(&name))
-                        .await
+                runtime.block_on(async {
+                    for stream in [name.clone(), format!("{name}_DLQ")] {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            jetstream.delete_stream(&stream),
+                        )
+                        .await;
+                    }
                 });
             }
         })

@@ -71,7 +71,10 @@ impl Nats {
 /// The headers a relayed row carries (five dop-* plus Nats-Msg-Id).
 fn relay_like_headers(id: &str, destination: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert("dop-correlation-id", uuid::Uuid::new_v4().to_string().as_str());
+    headers.insert(
+        "dop-correlation-id",
+        uuid::Uuid::new_v4().to_string().as_str(),
+    );
     headers.insert("dop-msg-destination", destination);
     headers.insert("dop-msg-id", id);
     headers.insert("dop-msg-sent-time", "2026-12-01T12:00:00.000Z");
@@ -216,7 +219,11 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
                     .await?
                 }
             };
-            println!("round {}: {label} {}/s   CPU: {cpu}", round + 1, thousands(rate));
+            println!(
+                "round {}: {label} {}/s   CPU: {cpu}",
+                round + 1,
+                thousands(rate)
+            );
             runs[index].push(rate);
         }
     }
@@ -250,10 +257,7 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
     }
     nats.purge().await?;
     let _ = nats.jetstream.delete_stream(STREAM).await;
-    let _ = nats
-        .jetstream
-        .delete_stream(format!("{STREAM}_DLQ"))
-        .await;
+    let _ = nats.jetstream.delete_stream(format!("{STREAM}_DLQ")).await;
     Ok(())
 }
 
