@@ -481,3 +481,44 @@ async fn a_server_restart_mid_consume_consumes_everything_once() {
         "each once"
     );
 }
+
+/// `nats://user:password@host` authenticates (async-nats itself ignores
+/// credentials in the URL); a wrong password stops the relay with the fix,
+/// and neither password appears in what it says.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_in_the_url_work_and_a_wrong_password_is_refused_with_the_fix() {
+    const PASSWORD: &str = "Nk7Pa55w0rdMarker";
+    let t = TestDb::new(Backend::Sqlite).await;
+    let server = PrivateNats::start_with_user("app", PASSWORD).await;
+    let mut settings = settings(&t.url);
+    settings.broker.url = format!("nats://app:{PASSWORD}@127.0.0.1:{}", server.port);
+    settings.nats.stream = "AUTH".to_owned();
+    settings.nats.subject_prefix = "auth".to_owned();
+    let (change, _) = outbox_core::ensure_stream(&settings).await.unwrap();
+    assert_eq!(change, outbox_core::StreamChange::Created);
+    write_messages(&t.db, "/topic/orders", 10).await;
+    let report = Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(report.published, 10);
+    let stream = outbox_core::stream_info(&settings).await.unwrap().unwrap();
+    assert_eq!(stream.messages, 10);
+
+    write_messages(&t.db, "/topic/orders", 1).await;
+    settings.broker.url = format!("nats://app:WrongPa55@127.0.0.1:{}", server.port);
+    let refused = Relay::new(t.db.clone(), settings)
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap_err();
+    let said = outbox_core::report(&refused);
+    assert!(
+        matches!(refused, outbox_core::Error::BrokerRefused { .. }),
+        "{said}"
+    );
+    assert!(said.contains("check the user and password"), "{said}");
+    assert!(
+        !said.contains(PASSWORD) && !said.contains("WrongPa55"),
+        "{said}"
+    );
+}

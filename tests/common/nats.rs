@@ -118,10 +118,21 @@ pub struct PrivateNats {
     pub port: u16,
     dir: PathBuf,
     child: Option<tokio::process::Child>,
+    /// `--user`/`--pass` the server requires, if any.
+    user: Option<(String, String)>,
 }
 
 impl PrivateNats {
     pub async fn start() -> PrivateNats {
+        PrivateNats::start_as(None).await
+    }
+
+    /// A server that admits only `user` with `password`.
+    pub async fn start_with_user(user: &str, password: &str) -> PrivateNats {
+        PrivateNats::start_as(Some((user.to_owned(), password.to_owned()))).await
+    }
+
+    async fn start_as(user: Option<(String, String)>) -> PrivateNats {
         let port = super::private::free_port().await;
         let dir = std::env::temp_dir().join(format!(
             "outbox-private-nats-{}",
@@ -132,6 +143,7 @@ impl PrivateNats {
             port,
             dir,
             child: None,
+            user,
         };
         nats.up().await;
         nats
@@ -143,7 +155,8 @@ impl PrivateNats {
 
     /// Start (again) on the same store.
     pub async fn up(&mut self) {
-        let child = tokio::process::Command::new("nats-server")
+        let mut command = tokio::process::Command::new("nats-server");
+        command
             .args([
                 "-a",
                 "127.0.0.1",
@@ -152,7 +165,11 @@ impl PrivateNats {
                 "-js",
                 "-sd",
             ])
-            .arg(&self.dir)
+            .arg(&self.dir);
+        if let Some((user, password)) = &self.user {
+            command.args(["--user", user, "--pass", password]);
+        }
+        let child = command
             .arg("-l")
             .arg(self.dir.join("server.log"))
             .stdin(Stdio::null())
@@ -167,7 +184,14 @@ impl PrivateNats {
             Duration::from_secs(20),
             &format!("the private nats-server answers (log: {})", log.display()),
             || async {
-                match async_nats::connect(self.url()).await {
+                let options = match &self.user {
+                    Some((user, password)) => async_nats::ConnectOptions::with_user_and_password(
+                        user.clone(),
+                        password.clone(),
+                    ),
+                    None => async_nats::ConnectOptions::new(),
+                };
+                match options.connect(self.url()).await {
                     // JetStream answers its API (async-nats 0.51 cannot parse
                     // 2.9's account info, so the raw request).
                     Ok(client) => client.request("$JS.API.INFO", "".into()).await.is_ok(),
