@@ -76,7 +76,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let nats = settings.broker.url.starts_with("nats://");
+    let nats = settings.broker.is_nats();
     if nats {
         // JetStream keeps messages in a stream: this run's own (the server
         // may be shared), made here and removed at the end.

@@ -106,6 +106,11 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// `BENCH_NATS_URL`, default the machine's nats-server.
+pub fn nats_url() -> String {
+    std::env::var("BENCH_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
 /// The broker URL (`AMQP_URL`).
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
@@ -201,6 +206,16 @@ impl BenchDb {
             .await?;
         admin.close().await?;
         Ok(())
+    }
+
+    /// Settings for this database and the local NATS server
+    /// (`BENCH_NATS_URL`), writing to `stream` under subject `prefix`.
+    pub fn nats_settings(&self, stream: &str, prefix: &str) -> outbox_core::Settings {
+        let mut settings = self.settings();
+        settings.broker.url = nats_url();
+        settings.nats.stream = stream.to_owned();
+        settings.nats.subject_prefix = prefix.to_owned();
+        settings
     }
 
     /// Settings for a relay on this database and the local broker.

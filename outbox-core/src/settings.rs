@@ -127,6 +127,16 @@ pub struct BrokerSettings {
     pub operation_timeout: Duration,
 }
 
+impl BrokerSettings {
+    /// Whether `url` names NATS (`nats://`, `tls://`) rather than RabbitMQ.
+    pub fn is_nats(&self) -> bool {
+        matches!(
+            self.url.split_once("://").map(|(scheme, _)| scheme),
+            Some("nats" | "tls")
+        )
+    }
+}
+
 impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerSettings")

@@ -16,7 +16,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::pull};
 use futures_util::StreamExt as _;
 use outbox_bench::{
-    BenchDb, CpuSnapshot, env_usize, finish, print_machine, thousands, undisturbed,
+    BenchDb, CpuSnapshot, env_usize, finish, nats_url, print_machine, thousands, undisturbed,
 };
 use outbox_core::{Consumer, Metrics, Payload, shutdown_channel};
 use sea_orm::{ConnectionTrait, DbBackend, Statement};
@@ -28,16 +28,8 @@ const DESTINATION: &str = "/topic/bench.consumer.v1";
 const SUBJECT: &str = "outboxbenchc.bench.consumer.v1";
 const DURABLE: &str = "outbox_bench_consumer";
 
-fn nats_url() -> String {
-    std::env::var("BENCH_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
 fn settings(bench: &BenchDb) -> outbox_core::Settings {
-    let mut settings = bench.settings();
-    settings.broker.url = nats_url();
-    settings.nats.stream = STREAM.to_owned();
-    settings.nats.subject_prefix = PREFIX.to_owned();
-    settings
+    bench.nats_settings(STREAM, PREFIX)
 }
 
 #[tokio::main]

@@ -13,8 +13,8 @@ use anyhow::{Context as _, ensure};
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use outbox_bench::{
-    BenchDb, CpuSnapshot, env_list, env_usize, finish, median, order_body, thousands, undisturbed,
-    with_database, write_rows,
+    BenchDb, CpuSnapshot, env_list, env_usize, finish, median, nats_url, order_body, thousands,
+    undisturbed, with_database, write_rows,
 };
 use outbox_core::{Relay, Shutdown};
 use sea_orm::ConnectionTrait;
@@ -25,16 +25,8 @@ const BASE: &str = "/topic/bench.relay";
 const SUBJECT: &str = "outboxbench.bench.relay.v1";
 const WINDOW: usize = 1000;
 
-fn nats_url() -> String {
-    std::env::var("BENCH_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
 fn settings(bench: &BenchDb) -> outbox_core::Settings {
-    let mut settings = bench.settings();
-    settings.broker.url = nats_url();
-    settings.nats.stream = STREAM.to_owned();
-    settings.nats.subject_prefix = PREFIX.to_owned();
-    settings
+    bench.nats_settings(STREAM, PREFIX)
 }
 
 struct Nats {

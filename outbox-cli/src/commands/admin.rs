@@ -35,7 +35,7 @@ pub(crate) async fn status(settings: &Settings, json: bool) -> anyhow::Result<()
     if status.failed > 0 {
         println!("{} FAILED: see `outbox-cli failed list`", status.failed);
     }
-    if is_nats(settings) {
+    if settings.broker.is_nats() {
         match outbox_core::stream_info(settings).await? {
             Some(stream) => print_stream(&stream),
             None => println!(
@@ -45,10 +45,6 @@ pub(crate) async fn status(settings: &Settings, json: bool) -> anyhow::Result<()
         }
     }
     Ok(())
-}
-
-fn is_nats(settings: &Settings) -> bool {
-    settings.broker.url.starts_with("nats://") || settings.broker.url.starts_with("tls://")
 }
 
 fn print_stream(stream: &outbox_core::StreamInfo) {

@@ -192,13 +192,14 @@ impl Transport {
     /// The transport `settings.url` names.
     pub fn from_settings(settings: &Settings) -> Result<Transport> {
         let broker = &settings.broker;
-        let scheme = broker.url.split_once("://").map(|(scheme, _)| scheme);
-        match scheme {
-            Some("amqp" | "amqps") => Ok(Transport(Kind::Amqp(amqp::Amqp::new(broker)))),
-            Some("nats" | "tls") => Ok(Transport(Kind::Nats(Box::new(nats::Nats::new(
+        if broker.is_nats() {
+            return Ok(Transport(Kind::Nats(Box::new(nats::Nats::new(
                 broker,
                 &settings.nats,
-            ))))),
+            )))));
+        }
+        match broker.url.split_once("://").map(|(scheme, _)| scheme) {
+            Some("amqp" | "amqps") => Ok(Transport(Kind::Amqp(amqp::Amqp::new(broker)))),
             _ => Err(Error::InvalidSetting {
                 key: "broker.url".to_owned(),
                 value: crate::redact::url(&broker.url),

@@ -127,13 +127,14 @@ impl NatsSubscription {
             .messages()
             .await
             .map_err(|err| nats.api_error("consume", &err))?;
+        let dead_letter_subject = format!("DLQ.{stream_name}.{durable}");
         let held = Held::default();
         let (settler, events) = Settler::channel();
         let acker = tokio::spawn(run_acker(
             Acker {
                 jetstream,
                 held: held.clone(),
-                dead_letter_subject: format!("DLQ.{stream_name}.{durable}"),
+                dead_letter_subject: dead_letter_subject.clone(),
                 durable: durable.clone(),
                 retry_wait: spec.consumer.retry_wait,
                 failed: false,
@@ -147,7 +148,7 @@ impl NatsSubscription {
             messages,
             declaration: QueueDeclaration {
                 queue: durable.clone(),
-                dead_letter_queue: format!("DLQ.{stream_name}.{durable}"),
+                dead_letter_queue: dead_letter_subject,
             },
             subscribed: spec.destination.to_string(),
             events: settler.sender(),

@@ -95,13 +95,10 @@ impl NatsPublisher {
                 return Ok(());
             }
         };
-        if let Some(since) = self.no_stream.get(&subject) {
-            if since.elapsed() < NO_STREAM_CACHE {
-                self.ready
-                    .push((id, Outcome::Rejected(no_stream(&subject))));
-                return Ok(());
-            }
-            self.no_stream.remove(&subject);
+        if self.known_without_stream(&subject) {
+            self.ready
+                .push((id, Outcome::Rejected(no_stream(&subject))));
+            return Ok(());
         }
         let headers = match headers(&envelope) {
             Ok(headers) => headers,
@@ -148,14 +145,23 @@ impl NatsPublisher {
         self.ready.push((id, outcome));
     }
 
+    /// Whether JetStream said, recently enough, that no stream captures
+    /// `subject`; an answer too old to trust is forgotten.
+    fn known_without_stream(&mut self, subject: &str) -> bool {
+        match self.no_stream.get(subject) {
+            Some(since) if since.elapsed() < NO_STREAM_CACHE => true,
+            Some(_) => {
+                self.no_stream.remove(subject);
+                false
+            }
+            None => false,
+        }
+    }
+
     /// "No responders": the message's fault only if JetStream is up and
     /// says no stream captures the subject.
     async fn no_stream_outcome(&mut self, subject: &str) -> Outcome {
-        if self
-            .no_stream
-            .get(subject)
-            .is_some_and(|since| since.elapsed() < NO_STREAM_CACHE)
-        {
+        if self.known_without_stream(subject) {
             return Outcome::Rejected(no_stream(subject));
         }
         let asked = tokio::time::timeout(
