@@ -3,7 +3,7 @@
 # a fresh machine installing, from Debian's packages) what is missing.
 #
 #   scripts/services.sh rabbitmq [stomp]   RabbitMQ on 5672 (and the STOMP plugin on 61613)
-#   scripts/services.sh postgres           PostgreSQL on 5432, user postgres, trust on loopback
+#   scripts/services.sh postgres           PostgreSQL on 5432, user postgres, trust on loopback, wal_level = logical
 #   scripts/services.sh mariadb            MariaDB on 3306, root without password, database test
 #   scripts/services.sh nats               NATS with JetStream on 4222 (store in /var/lib/nats-server)
 #   scripts/services.sh all                all of the above, with STOMP
@@ -74,7 +74,22 @@ ensure_postgres() {
         as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
         as_root su postgres -c "psql -c 'select pg_reload_conf()'" >/dev/null
     fi
-    say "PostgreSQL is up"
+    # Log-tailing capture (relay.capture = "wal") reads logical replication;
+    # wal_level only changes with a restart, done once here.
+    if [ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atc 'show wal_level')" != logical ]; then
+        say "setting wal_level = logical for log-tailing capture (restarts PostgreSQL once)"
+        psql -h 127.0.0.1 -U postgres -d postgres -qc "alter system set wal_level = logical" >/dev/null
+        local version
+        version=$(ls /etc/postgresql | sort -V | tail -n 1)
+        as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart
+        wait_port 5432 60 PostgreSQL
+        local i
+        for ((i = 0; i < 100; i++)); do
+            psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1 && break
+            sleep 0.2
+        done
+    fi
+    say "PostgreSQL is up (wal_level = logical)"
 }
 
 ensure_mariadb() {

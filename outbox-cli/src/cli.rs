@@ -57,6 +57,24 @@ pub enum Command {
     /// Create or show the NATS JetStream stream the relay writes to (`nats.*` settings).
     #[command(subcommand)]
     Stream(StreamCommand),
+    /// Set up, show or remove PostgreSQL log-tailing capture (`relay.capture = "wal"`, `wal.*` settings).
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+/// `wal ...`
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Check the server and create the publication and the logical slot if missing (idempotent).
+    Setup,
+    /// Show the publication, the slot, who reads it and how much WAL it holds.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop the slot and the publication (refused while a relay reads the slot).
+    Drop,
 }
 
 /// `stream ...`

@@ -20,6 +20,7 @@ mod signals;
 
 pub use cli::{
     Cli, Command, DlqCommand, FailedCommand, PublishArgs, SendArgs, StreamCommand, SubscribeArgs,
+    WalCommand,
 };
 
 use std::io::IsTerminal as _;
@@ -83,6 +84,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Failed(command) => commands::failed(&settings, command).await,
         Command::Dlq(command) => commands::dlq(&settings, command).await,
         Command::Stream(command) => commands::stream(&settings, command).await,
+        Command::Wal(command) => commands::wal(&settings, command).await,
     }
 }
 

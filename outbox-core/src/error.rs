@@ -243,6 +243,26 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Log-tailing capture cannot run as configured (PostgreSQL settings,
+    /// a missing slot or publication, another database).
+    #[error("log-tailing capture: {problem}; {fix}")]
+    Capture {
+        /// What is wrong.
+        problem: String,
+        /// What to change.
+        fix: String,
+    },
+
+    /// The replication stream broke or could not start (an outage: the
+    /// relay reconnects with backoff and resumes from the slot).
+    #[error("replication stream from {endpoint}: {reason}")]
+    Replication {
+        /// The database, without credentials.
+        endpoint: String,
+        /// What the replication client said.
+        reason: String,
+    },
+
     /// Reading or writing a local resource (a socket, a file) failed.
     #[error("i/o error while {context}")]
     Io {
@@ -291,7 +311,9 @@ impl Error {
             | Error::BrokerTimeout { .. }
             | Error::BrokerUnreachable { .. } => true,
             Error::Database(err) => is_transient_db(err),
-            Error::Io { .. } | Error::DatabaseUnreachable { .. } => true,
+            Error::Io { .. } | Error::DatabaseUnreachable { .. } | Error::Replication { .. } => {
+                true
+            }
             _ => false,
         }
     }

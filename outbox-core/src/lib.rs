@@ -65,6 +65,7 @@ mod schema;
 mod settings;
 mod shutdown;
 mod status;
+mod url;
 
 pub use admin::{
     DeadLetter, DestinationCounts, FailedSelection, OutboxStatus, dead_letters, discard_failed,
@@ -88,11 +89,16 @@ pub use error::{BoxError, Error, Result, report};
 pub use message::Message;
 pub use metrics::{Histogram, Metrics};
 pub use migration::{Migration, NOTIFY_CHANNEL, migrate};
+#[cfg(feature = "postgres")]
+pub use publish::write_to_wal;
 pub use publish::{Publish, PublishExt, emit, insert, save, update, write, write_all};
+#[cfg(feature = "postgres")]
+pub use relay::wal::slot::{SlotState, WalSetup, WalStatus, wal_drop, wal_setup, wal_status};
 pub use relay::{Relay, RelayReport};
 pub use settings::{
-    BrokerSettings, ConsumerSettings, DatabaseSettings, DeadLetter as DeadLetterMode, NatsSettings,
-    QueueType, RelaySettings, RetentionSettings, Settings, StreamStorage, Unroutable,
+    BrokerSettings, Capture, ConsumerSettings, DatabaseSettings, DeadLetter as DeadLetterMode,
+    NatsSettings, QueueType, RelaySettings, RetentionSettings, Settings, StreamStorage, Unroutable,
+    WalSettings,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger, shutdown_channel};
 pub use status::Status;

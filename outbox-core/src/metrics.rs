@@ -91,6 +91,9 @@ pub struct Metrics {
     pub backlog: AtomicU64,
     /// Age in milliseconds of the oldest schedulable row at the last check.
     pub oldest_pending_ms: AtomicU64,
+    /// WAL bytes the replication slot holds beyond what the relay confirmed
+    /// (`relay.capture = "wal"`).
+    pub wal_lag_bytes: AtomicU64,
     /// Row creation to broker confirm.
     pub publish_latency: Histogram,
     /// Messages the consumer handled (saved or duplicate), acked.
@@ -174,6 +177,12 @@ impl Metrics {
             "# HELP outbox_oldest_pending_age_seconds Age of the oldest schedulable outbox row.\n\
              # TYPE outbox_oldest_pending_age_seconds gauge\noutbox_oldest_pending_age_seconds {}",
             Self::get(&self.oldest_pending_ms) as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "# HELP outbox_wal_lag_bytes WAL the replication slot holds beyond the relay's confirmed position.\n\
+             # TYPE outbox_wal_lag_bytes gauge\noutbox_wal_lag_bytes {}",
+            Self::get(&self.wal_lag_bytes)
         );
         self.publish_latency.render(
             &mut out,

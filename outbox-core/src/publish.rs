@@ -61,6 +61,52 @@ pub async fn write_all<C: ConnectionTrait>(
     Ok(rows)
 }
 
+/// Write `messages` into PostgreSQL's WAL only, with
+/// `pg_logical_emit_message(true, 'outbox', ..)`: no table row, so no bloat
+/// and nothing to delete. Only a relay with `relay.capture = "wal"` sends
+/// them (at commit of `db`'s transaction; a rollback discards them). The
+/// returned models are what a row would have held; none is stored. A
+/// message the broker refuses becomes a `published` row then, retried as
+/// any row.
+#[cfg(feature = "postgres")]
+pub async fn write_to_wal<C: ConnectionTrait>(
+    db: &C,
+    messages: Vec<Message>,
+) -> Result<Vec<published::Model>> {
+    use sea_orm::{DbBackend, Statement};
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Err(crate::Error::Capture {
+            problem: "write_to_wal writes PostgreSQL's WAL".to_owned(),
+            fix: "use outbox_core::write_all with MariaDB and SQLite".to_owned(),
+        });
+    }
+    let now = Utc::now().trunc_subsecs(6);
+    let correlation = crate::correlation::current_or_new()?;
+    let mut rows = Vec::with_capacity(messages.len());
+    for (i, message) in messages.into_iter().enumerate() {
+        let row = new_row(
+            message,
+            now + Duration::microseconds(i as i64),
+            &correlation,
+        );
+        let content = serde_json::json!({
+            "id": row.id,
+            "destination": row.destination,
+            "body": row.body,
+            "headers": row.headers,
+            "added": row.added.to_rfc3339(),
+        });
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_logical_emit_message(true, 'outbox', $1::text)",
+            vec![content.to_string().into()],
+        ))
+        .await?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 /// Write the outbox rows `model` emits on `db`.
 ///
 /// For a `ActiveModelBehavior::after_save` hook; see [`active_model_behavior!`](crate::active_model_behavior).

@@ -23,6 +23,18 @@ pub enum Unroutable {
     Accept,
 }
 
+/// How the relay finds the messages to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capture {
+    /// Claim due rows of `published` (`FOR UPDATE SKIP LOCKED`, a lease, a
+    /// mark per row). Every database.
+    Claim,
+    /// Read committed messages from PostgreSQL's logical replication stream
+    /// (`outbox-cli wal setup` first); claims stay for retries and for rows
+    /// the stream did not deliver within `wal.sweep_after`.
+    Wal,
+}
+
 /// How the consumer declares the queues of `/topic/`, `/exchange/` and
 /// `/queue/` destinations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +106,21 @@ impl std::fmt::Debug for NatsSettings {
             .field("replicas", &self.replicas)
             .finish()
     }
+}
+
+/// Log-tailing capture (`relay.capture = "wal"`, PostgreSQL).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WalSettings {
+    /// `wal.slot`: the logical replication slot (pgoutput) the relay reads.
+    pub slot: String,
+    /// `wal.publication`: the publication the slot streams (`published`, plus
+    /// an `outbox` table of jetstream-outbox's shape if it has one).
+    pub publication: String,
+    /// `wal.sweep_after`: a row still unsent this long after it was written
+    /// is claimed and sent by the claim path (the stream is behind, or lost).
+    pub sweep_after: Duration,
+    /// `wal.lag_warning`: warn when the slot holds more WAL than this many bytes.
+    pub lag_warning: u64,
 }
 
 /// Database connection.
@@ -175,6 +202,8 @@ pub struct RelaySettings {
     pub listen: bool,
     /// `relay.progress_interval`: how often progress (rate, backlog, oldest pending) is logged.
     pub progress_interval: Duration,
+    /// `relay.capture`: `claim` (every database) or `wal` (PostgreSQL logical replication).
+    pub capture: Capture,
 }
 
 /// The largest `consumer.batch_size`: a batch's inbox rows go in one
@@ -249,6 +278,8 @@ pub struct Settings {
     pub nats: NatsSettings,
     /// `[relay]`
     pub relay: RelaySettings,
+    /// `[wal]`
+    pub wal: WalSettings,
     /// `[consumer]`
     pub consumer: ConsumerSettings,
     /// `[retention]`
@@ -291,6 +322,13 @@ impl Default for Settings {
                 unroutable: Unroutable::Retry,
                 listen: true,
                 progress_interval: Duration::from_secs(10),
+                capture: Capture::Claim,
+            },
+            wal: WalSettings {
+                slot: "outbox".to_owned(),
+                publication: "outbox".to_owned(),
+                sweep_after: Duration::from_secs(60),
+                lag_warning: 1 << 30,
             },
             consumer: ConsumerSettings {
                 prefetch: 1,
@@ -440,6 +478,24 @@ const KEYS: &[(&str, Setter)] = &[
     ("relay.progress_interval", |s, v| {
         set_positive_secs(&mut s.relay.progress_interval, v)
     }),
+    ("relay.capture", |s, v| {
+        s.relay.capture = match v {
+            "claim" => Capture::Claim,
+            "wal" => Capture::Wal,
+            _ => return Err("one of \"claim\", \"wal\"".to_owned()),
+        };
+        Ok(())
+    }),
+    ("wal.slot", |s, v| set_identifier(&mut s.wal.slot, v)),
+    ("wal.publication", |s, v| {
+        set_identifier(&mut s.wal.publication, v)
+    }),
+    ("wal.sweep_after", |s, v| {
+        set_positive_secs(&mut s.wal.sweep_after, v)
+    }),
+    ("wal.lag_warning", |s, v| {
+        set_int(&mut s.wal.lag_warning, v, 1, u64::MAX)
+    }),
     ("consumer.prefetch", |s, v| {
         set_int(&mut s.consumer.prefetch, v, 1, 65_535)
     }),
@@ -502,6 +558,21 @@ const KEYS: &[(&str, Setter)] = &[
         set_int(&mut s.retention.batch_size, v, 1, 100_000)
     }),
 ];
+
+/// A replication slot or publication name: PostgreSQL allows lowercase
+/// letters, digits and `_` in slot names, at most 63 bytes.
+fn set_identifier(slot: &mut String, value: &str) -> std::result::Result<(), String> {
+    if value.is_empty()
+        || value.len() > 63
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err("a name of lowercase letters, digits and `_`, at most 63 long".to_owned());
+    }
+    *slot = value.to_owned();
+    Ok(())
+}
 
 fn set_int<T: TryFrom<u64>>(
     slot: &mut T,

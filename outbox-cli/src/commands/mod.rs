@@ -6,12 +6,14 @@ mod publish;
 mod send;
 mod serve_metrics;
 mod subscribe;
+mod wal;
 
 pub(crate) use admin::{dlq, failed, status, stream};
 pub(crate) use migrate::migrate;
 pub(crate) use publish::publish;
 pub(crate) use send::send;
 pub(crate) use subscribe::{callbacks, subscribe};
+pub(crate) use wal::wal;
 
 use anyhow::Context as _;
 

@@ -95,12 +95,26 @@ pub(crate) struct Failure {
 pub(crate) struct Store {
     db: DatabaseConnection,
     backend: DbBackend,
+    /// With log-tailing capture: rows never attempted are left to the
+    /// stream for this long after they were written.
+    sweep_after: Option<chrono::Duration>,
 }
 
 impl Store {
     pub(crate) fn new(db: DatabaseConnection) -> Self {
         let backend = db.get_database_backend();
-        Store { db, backend }
+        Store {
+            db,
+            backend,
+            sweep_after: None,
+        }
+    }
+
+    /// Claim only what the replication stream does not send: rows with a
+    /// failed attempt, and rows older than `after` (PostgreSQL).
+    pub(crate) fn sweeping(mut self, after: std::time::Duration) -> Self {
+        self.sweep_after = Some(chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX));
+        self
     }
 
     pub(crate) fn backend(&self) -> DbBackend {
@@ -117,16 +131,35 @@ impl Store {
         let token = Uuid::new_v4();
         let limit = i64::from(limit);
         let results = match self.backend {
-            DbBackend::Postgres => {
-                self.query(
-                    "UPDATE published SET next_attempt_at = $1, claim_token = $2 WHERE id IN (\
-                       SELECT id FROM published WHERE status = 1 AND next_attempt_at <= $3 \
-                       ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
-                     RETURNING id, destination, body::text AS body, headers::text AS headers, retry, added",
-                    vec![lease_until.into(), token.into(), now.into(), limit.into()],
-                )
-                .await?
-            }
+            DbBackend::Postgres => match self.sweep_after {
+                None => {
+                    self.query(
+                        "UPDATE published SET next_attempt_at = $1, claim_token = $2 WHERE id IN (\
+                           SELECT id FROM published WHERE status = 1 AND next_attempt_at <= $3 \
+                           ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                         RETURNING id, destination, body::text AS body, headers::text AS headers, retry, added",
+                        vec![lease_until.into(), token.into(), now.into(), limit.into()],
+                    )
+                    .await?
+                }
+                Some(after) => {
+                    self.query(
+                        "UPDATE published SET next_attempt_at = $1, claim_token = $2 WHERE id IN (\
+                           SELECT id FROM published WHERE status = 1 AND next_attempt_at <= $3 \
+                             AND (retry > 0 OR added < $5) \
+                           ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED) \
+                         RETURNING id, destination, body::text AS body, headers::text AS headers, retry, added",
+                        vec![
+                            lease_until.into(),
+                            token.into(),
+                            now.into(),
+                            limit.into(),
+                            (now - after).into(),
+                        ],
+                    )
+                    .await?
+                }
+            },
             DbBackend::Sqlite => {
                 self.query(
                     "UPDATE published SET next_attempt_at = ?, claim_token = ? WHERE id IN (\

@@ -15,6 +15,8 @@ mod envelope;
 mod listen;
 mod marking;
 mod schedule;
+#[cfg(feature = "postgres")]
+pub(crate) mod wal;
 mod window;
 
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use crate::broker::{AnyPublisher, Envelope, Outcome, Publisher, Transport};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::retention::{Retention, Table};
+use crate::settings::Capture;
 use crate::{Error, Result, Settings, Shutdown, report};
 
 use claim::{Backlog, Claim, Store};
@@ -141,8 +144,16 @@ impl Relay {
         self.run_mode(shutdown, Mode::UntilEmpty).await
     }
 
-    async fn run_mode(self, mut shutdown: Shutdown, mode: Mode) -> Result<RelayReport> {
+    async fn run_mode(self, shutdown: Shutdown, mode: Mode) -> Result<RelayReport> {
         self.settings.check_relay()?;
+        if self.settings.relay.capture == Capture::Wal {
+            return self.run_wal(shutdown, mode).await;
+        }
+        self.run_claim(shutdown, mode).await
+    }
+
+    /// The claim path: claim → publish → outcome → mark.
+    async fn run_claim(self, mut shutdown: Shutdown, mode: Mode) -> Result<RelayReport> {
         crate::schema::check(&self.db, crate::schema::Need::Outbox).await?;
         let transport = match &self.transport {
             Some(transport) => transport.clone(),
@@ -179,6 +190,83 @@ impl Relay {
             "relay stopped"
         );
         result.map(|()| run.report)
+    }
+
+    /// Log-tailing capture beside a claim sweep for retries and for rows
+    /// the stream did not send within `wal.sweep_after`.
+    #[cfg(feature = "postgres")]
+    async fn run_wal(self, shutdown: Shutdown, mode: Mode) -> Result<RelayReport> {
+        if mode == Mode::UntilEmpty {
+            return Err(Error::Capture {
+                problem: "`--until-empty` has no end with relay.capture = \"wal\" (the stream never is empty)".to_owned(),
+                fix: "run `outbox-cli publish` without it, or with relay.capture = \"claim\" (OUTBOX_RELAY_CAPTURE=claim) to drain once".to_owned(),
+            });
+        }
+        crate::schema::check(&self.db, crate::schema::Need::Outbox).await?;
+        let transport = match &self.transport {
+            Some(transport) => transport.clone(),
+            None => Transport::from_settings(&self.settings)?,
+        };
+        let capture = wal::WalCapture {
+            db: self.db.clone(),
+            settings: self.settings.clone(),
+            transport: transport.clone(),
+            name: self.name.clone(),
+            metrics: Arc::clone(&self.metrics),
+        };
+        let mut settings = self.settings.clone();
+        // The sweep is woken by its timer, not by every insert.
+        settings.relay.listen = false;
+        let sweep = Relay {
+            store: Store::new(self.db.clone()).sweeping(self.settings.wal.sweep_after),
+            settings,
+            transport: Some(transport),
+            ..self
+        };
+        // Either side failing for good stops the other.
+        let (stop, inner) = crate::shutdown_channel();
+        let both = async {
+            tokio::join!(
+                async {
+                    let result = capture.run(inner.clone()).await;
+                    if result.is_err() {
+                        stop.trigger();
+                    }
+                    result
+                },
+                async {
+                    let result = sweep.run_claim(inner.clone(), Mode::Forever).await;
+                    if result.is_err() {
+                        stop.trigger();
+                    }
+                    result
+                }
+            )
+        };
+        tokio::pin!(both);
+        let mut shutdown = shutdown;
+        let (stream, swept) = tokio::select! {
+            results = &mut both => results,
+            () = shutdown.wait() => {
+                stop.trigger();
+                both.await
+            }
+        };
+        let (stream, swept) = (stream?, swept?);
+        Ok(RelayReport {
+            published: stream.published + swept.published,
+            retried: stream.retried + swept.retried,
+            failed: stream.failed + swept.failed,
+            unsent: swept.unsent,
+        })
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    async fn run_wal(self, _shutdown: Shutdown, _mode: Mode) -> Result<RelayReport> {
+        Err(Error::Capture {
+            problem: "this build has no PostgreSQL driver".to_owned(),
+            fix: "build outbox-core with its `postgres` feature".to_owned(),
+        })
     }
 
     async fn main_loop(

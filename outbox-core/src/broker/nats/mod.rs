@@ -65,13 +65,14 @@ impl Nats {
                 match userinfo.map(|info| info.split_once(':')) {
                     Some(Some((user, password))) => {
                         credentials.user_password = Some((
-                            percent_decode(user),
-                            crate::redact::Secret::new(percent_decode(password)),
+                            crate::url::percent_decode(user),
+                            crate::redact::Secret::new(crate::url::percent_decode(password)),
                         ));
                     }
                     Some(None) => {
-                        credentials.token =
-                            userinfo.map(|token| crate::redact::Secret::new(percent_decode(token)));
+                        credentials.token = userinfo.map(|token| {
+                            crate::redact::Secret::new(crate::url::percent_decode(token))
+                        });
                     }
                     None => {}
                 }
@@ -217,27 +218,6 @@ fn unreadable(key: &str, path: &std::path::Path, what: &str, err: &std::io::Erro
         value: path.display().to_string(),
         allowed: format!("{what} this process can read ({err})"),
     }
-}
-
-/// `%XX` escapes in URL user names and passwords, as URLs write them.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(byte) = text
-                .get(i + 1..i + 3)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -46,6 +46,10 @@ pub(crate) struct NatsPublisher {
     pending: FuturesUnordered<BoxFuture<'static, Acked>>,
     /// Outcomes decided and not yet handed out.
     ready: Vec<(Uuid, Outcome)>,
+    /// "No responders" answers whose stream check has not finished: kept
+    /// here across the await, so a caller that drops `outcomes()` midway
+    /// (a `select!`) loses none of them.
+    unchecked: Vec<(Uuid, String)>,
     /// Subjects JetStream said no stream captures, and since when.
     no_stream: HashMap<String, Instant>,
 }
@@ -69,6 +73,7 @@ impl NatsPublisher {
             client,
             pending: FuturesUnordered::new(),
             ready: Vec::new(),
+            unchecked: Vec::new(),
             no_stream: HashMap::new(),
         })
     }
@@ -77,7 +82,7 @@ impl NatsPublisher {
         for envelope in messages {
             while self.pending.len() >= self.nats.settings().publish_window {
                 if let Some(acked) = self.pending.next().await {
-                    self.settle(acked).await;
+                    self.settle(acked);
                 }
             }
             self.publish_one(envelope).await?;
@@ -129,13 +134,17 @@ impl NatsPublisher {
         }
     }
 
-    /// Turn one PubAck (or its absence) into an outcome.
-    async fn settle(&mut self, (id, subject, acked): Acked) {
+    /// Turn one PubAck (or its absence) into an outcome; a "no responders"
+    /// waits in `unchecked` for its stream check.
+    fn settle(&mut self, (id, subject, acked): Acked) {
         let outcome = match acked {
             // A duplicate ack means JetStream has it already: delivered.
             Ok(()) => Outcome::Confirmed,
             Err(err) => match err.kind() {
-                PublishErrorKind::StreamNotFound => self.no_stream_outcome(&subject).await,
+                PublishErrorKind::StreamNotFound => {
+                    self.unchecked.push((id, subject));
+                    return;
+                }
                 PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
                     Outcome::Unknown(format!("no PubAck from {}: {err}", self.nats.endpoint()))
                 }
@@ -186,21 +195,31 @@ impl NatsPublisher {
     }
 
     pub(crate) async fn outcomes(&mut self) -> Result<Vec<(Uuid, Outcome)>> {
-        if self.ready.is_empty() {
+        if self.ready.is_empty() && self.unchecked.is_empty() {
             match self.pending.next().await {
-                Some(acked) => self.settle(acked).await,
+                Some(acked) => self.settle(acked),
                 None => return Ok(Vec::new()),
             }
         }
         // Whatever else has arrived, without waiting.
         while let Some(Some(acked)) = self.pending.next().now_or_never() {
-            self.settle(acked).await;
+            self.settle(acked);
         }
+        self.check_unchecked().await;
         Ok(std::mem::take(&mut self.ready))
     }
 
+    /// Decide the "no responders" answers, each removed only once decided.
+    async fn check_unchecked(&mut self) {
+        while let Some((id, subject)) = self.unchecked.last().cloned() {
+            let outcome = self.no_stream_outcome(&subject).await;
+            self.unchecked.pop();
+            self.ready.push((id, outcome));
+        }
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
-        self.pending.len() + self.ready.len()
+        self.pending.len() + self.ready.len() + self.unchecked.len()
     }
 
     pub(crate) fn is_connected(&self) -> bool {
