@@ -376,7 +376,7 @@ async fn the_consumer_saves_once_acks_and_dead_letters() {
         .run_until_empty(Shutdown::never())
         .await
         .unwrap();
-    eventually(Duration::from_secs(30), "500 received rows", || async {
+    eventually(Duration::from_secs(180), "500 received rows", || async {
         common::received_count(&t.db).await == 500
     })
     .await;
@@ -397,7 +397,7 @@ async fn the_consumer_saves_once_acks_and_dead_letters() {
         .unwrap()
         .await
         .unwrap();
-    eventually(Duration::from_secs(30), "everything acked", || async {
+    eventually(Duration::from_secs(120), "everything acked", || async {
         durable_backlog(&stream.url, &stream.name, "shipping").await == (0, 0)
     })
     .await;

@@ -684,3 +684,94 @@ async fn the_cli_sets_up_shows_and_drops_capture() {
         "{status}"
     );
 }
+
+/// The same capture over RabbitMQ: rows, WAL-only messages and
+/// insert+delete rows reach the bound queue in commit order with their
+/// `dop-*` headers and the id as the AMQP message id.
+#[tokio::test(flavor = "multi_thread")]
+async fn capture_relays_to_rabbitmq_too() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let broker = common::amqp::TestBroker::connect().await;
+    let rk = format!("wal.{}", Uuid::new_v4().simple());
+    let queue = broker.bound_queue("amq.topic", &rk).await;
+    let mut settings = settings(&t.url);
+    settings.relay.capture = Capture::Wal;
+    settings.wal.slot = format!("outbox_amqp_{}", &Uuid::new_v4().simple().to_string()[..10]);
+    let _slot = SlotGuard(settings.wal.slot.clone());
+    outbox_core::wal_setup(&t.db, &settings.wal).await.unwrap();
+    let (trigger, shutdown) = shutdown_channel();
+    let relay = tokio::spawn(Relay::new(t.db.clone(), settings).run(shutdown));
+    let destination = format!("/topic/{rk}");
+    let mut expected: Vec<String> = write_in(&t.db, &destination, 10)
+        .await
+        .iter()
+        .map(Uuid::to_string)
+        .collect();
+    let txn = t.db.begin().await.unwrap();
+    let logged = outbox_core::write_to_wal(
+        &txn,
+        vec![outbox_core::Message::new(&destination, serde_json::json!({"logged": true})).unwrap()],
+    )
+    .await
+    .unwrap();
+    let gone = write_in(&txn, &destination, 3).await;
+    txn.execute_unprepared(&format!(
+        "DELETE FROM published WHERE id IN ({})",
+        gone.iter()
+            .map(|id| format!("'{id}'"))
+            .collect::<Vec<_>>()
+            .join(",")
+    ))
+    .await
+    .unwrap();
+    txn.commit().await.unwrap();
+    expected.push(logged[0].id.to_string());
+    expected.extend(gone.iter().map(Uuid::to_string));
+    let received = broker
+        .take(&queue, expected.len(), Duration::from_secs(30))
+        .await;
+    trigger.trigger();
+    relay.await.unwrap().unwrap();
+    let ids: Vec<String> = received
+        .iter()
+        .map(|r| r.headers["dop-msg-id"].clone())
+        .collect();
+    assert_eq!(ids, expected, "every message once, in commit order");
+    for r in &received {
+        assert_eq!(r.message_id.as_ref(), Some(&r.headers["dop-msg-id"]));
+        assert_eq!(r.routing_key, rk);
+    }
+    assert_eq!(received[10].body, serde_json::json!({"logged": true}));
+    broker.delete_queue(&queue).await;
+}
+
+/// Transactions of many WAL-only messages, more than `relay.max_in_flight`
+/// in all: the window refills as confirms come back, nothing waits forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_transactions_of_wal_messages_flow_through_the_window() {
+    let w = Wal::new().await;
+    let running = w.start(w.settings.clone());
+    let mut expected = 0;
+    for _ in 0..4 {
+        let txn = w.t.db.begin().await.unwrap();
+        let messages = (0..1000)
+            .map(|n| {
+                outbox_core::Message::new("/topic/orders.bulk", serde_json::json!({ "n": n }))
+                    .unwrap()
+            })
+            .collect();
+        expected += outbox_core::write_to_wal(&txn, messages)
+            .await
+            .unwrap()
+            .len();
+        txn.commit().await.unwrap();
+    }
+    eventually(
+        Duration::from_secs(60),
+        "4,000 messages in the stream",
+        || async { w.stream.count().await >= expected as u64 },
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(w.stream.count().await, 4000);
+}

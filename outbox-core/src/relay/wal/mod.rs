@@ -429,6 +429,9 @@ impl<'a> Session<'a> {
     ) -> Result<()> {
         let settings = &self.capture.settings.relay;
         let now = Utc::now();
+        // Settled: confirmed (rows of `published` among them also in `sent`,
+        // to mark) or kept as a row.
+        let mut settled = Vec::new();
         let mut sent = Vec::new();
         let mut kept = Vec::new();
         for (id, outcome) in outcomes {
@@ -465,7 +468,9 @@ impl<'a> Session<'a> {
                     if source.in_published {
                         sent.push(id);
                     }
+                    settled.push(id);
                     report.published += 1;
+                    Metrics::add(&self.capture.metrics.published, 1);
                 }
                 Some((reason, never)) => {
                     let next = if never {
@@ -474,11 +479,18 @@ impl<'a> Session<'a> {
                         next_attempt_after(1, settings)
                     };
                     match next {
-                        Some(_) => report.retried += 1,
-                        None => report.failed += 1,
+                        Some(_) => {
+                            report.retried += 1;
+                            Metrics::add(&self.capture.metrics.retried, 1);
+                        }
+                        None => {
+                            report.failed += 1;
+                            Metrics::add(&self.capture.metrics.failed, 1);
+                        }
                     }
                     warn!(%id, destination = %source.row.destination, error = %reason, "the broker refused a message from the replication stream; kept as a row for the claim path");
                     kept.push((source.clone(), reason, next));
+                    settled.push(id);
                 }
             }
         }
@@ -486,10 +498,9 @@ impl<'a> Session<'a> {
         for (source, reason, next) in &kept {
             keep(&self.capture.db, source, reason, *next, now).await?;
         }
-        Metrics::add(&self.capture.metrics.published, sent.len() as u64);
-        for id in sent.iter().chain(kept.iter().map(|(s, _, _)| &s.row.id)) {
-            self.in_flight.remove(id);
-            self.watermark.settle(*id);
+        for id in settled {
+            self.in_flight.remove(&id);
+            self.watermark.settle(id);
         }
         Ok(())
     }
