@@ -395,7 +395,9 @@ impl<'a> Session<'a> {
     ) -> Result<Option<Vec<Envelope>>> {
         let ids: Vec<Uuid> = sources.iter().map(|s| s.row.id).collect();
         debug!(end_lsn, messages = ids.len(), "transaction committed");
-        let send = self.watermark.commit(end_lsn, &ids);
+        // A set: a committed transaction may hold many thousands of messages.
+        let send: std::collections::HashSet<Uuid> =
+            self.watermark.commit(end_lsn, &ids).into_iter().collect();
         let mut envelopes = Vec::with_capacity(send.len());
         let mut refused = Vec::new();
         for source in sources {
