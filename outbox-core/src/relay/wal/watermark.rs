@@ -43,7 +43,7 @@ impl Watermark {
                 .checked_sub(self.first)
                 .and_then(|at| self.open.get_mut(at as usize))
             {
-                open.1 -= 1;
+                open.1 = open.1.saturating_sub(1);
             }
         }
     }
