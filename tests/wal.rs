@@ -86,6 +86,22 @@ impl Wal {
         }
     }
 
+    /// `outbox-cli publish` in `wal` mode on this database, slot and stream.
+    fn spawn_cli_relay(&self) -> tokio::process::Child {
+        let mut command = cli(&self.t.url);
+        command
+            .env("AMQP_URL", nats_url())
+            .env("OUTBOX_RELAY_CAPTURE", "wal")
+            .env("OUTBOX_WAL_SLOT", &self.settings.wal.slot)
+            .env("OUTBOX_WAL_PUBLICATION", &self.settings.wal.publication)
+            .env("OUTBOX_NATS_STREAM", &self.stream.name)
+            .env("OUTBOX_NATS_SUBJECT_PREFIX", &self.stream.prefix)
+            .arg("publish")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        command.spawn().expect("start outbox-cli publish")
+    }
+
     async fn confirmed_flush_lsn(&self) -> i64 {
         let row = self
             .t
@@ -207,7 +223,7 @@ async fn every_committed_message_arrives_in_commit_order() {
         expected.extend(gone.iter().map(Uuid::to_string));
     }
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(120),
         "300 messages in the stream",
         || async { w.stream.count().await >= 300 },
     )
@@ -418,7 +434,7 @@ async fn a_jetstream_outbox_table_is_relayed_as_jetstream_outbox_sends_it() {
             printed,
         ));
     }
-    eventually(Duration::from_secs(30), "20 messages", || async {
+    eventually(Duration::from_secs(120), "20 messages", || async {
         w.stream.count().await >= 20
     })
     .await;
@@ -457,21 +473,7 @@ async fn a_jetstream_outbox_table_is_relayed_as_jetstream_outbox_sends_it() {
 async fn a_relay_killed_mid_stream_resumes_from_the_slot() {
     let w = Wal::new().await;
     let ids = write_messages(&w.t.db, "/topic/orders.created", 20_000).await;
-    let relay = |w: &Wal| {
-        let mut command = cli(&w.t.url);
-        command
-            .env("AMQP_URL", nats_url())
-            .env("OUTBOX_RELAY_CAPTURE", "wal")
-            .env("OUTBOX_WAL_SLOT", &w.settings.wal.slot)
-            .env("OUTBOX_WAL_PUBLICATION", &w.settings.wal.publication)
-            .env("OUTBOX_NATS_STREAM", &w.stream.name)
-            .env("OUTBOX_NATS_SUBJECT_PREFIX", &w.stream.prefix)
-            .arg("publish")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        command.spawn().expect("start outbox-cli publish")
-    };
-    let mut first = relay(&w);
+    let mut first = w.spawn_cli_relay();
     eventually(Duration::from_secs(60), "some in the stream", || async {
         w.stream.count().await >= 2_000
     })
@@ -480,7 +482,7 @@ async fn a_relay_killed_mid_stream_resumes_from_the_slot() {
     let _ = first.wait().await;
     let at_kill = w.stream.count().await;
     assert!(at_kill < 20_000, "killed mid-stream ({at_kill} sent)");
-    let mut second = relay(&w);
+    let mut second = w.spawn_cli_relay();
     eventually(
         Duration::from_secs(120),
         "all 20,000 in the stream",
@@ -509,24 +511,10 @@ async fn a_relay_killed_mid_stream_resumes_from_the_slot() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_standby_takes_over_within_seconds() {
     let w = Wal::new().await;
-    let relay = |w: &Wal| {
-        let mut command = cli(&w.t.url);
-        command
-            .env("AMQP_URL", nats_url())
-            .env("OUTBOX_RELAY_CAPTURE", "wal")
-            .env("OUTBOX_WAL_SLOT", &w.settings.wal.slot)
-            .env("OUTBOX_WAL_PUBLICATION", &w.settings.wal.publication)
-            .env("OUTBOX_NATS_STREAM", &w.stream.name)
-            .env("OUTBOX_NATS_SUBJECT_PREFIX", &w.stream.prefix)
-            .arg("publish")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        command.spawn().expect("start outbox-cli publish")
-    };
-    let mut a = relay(&w);
-    let mut b = relay(&w);
+    let mut a = w.spawn_cli_relay();
+    let mut b = w.spawn_cli_relay();
     let first = write_messages(&w.t.db, "/topic/orders.created", 100).await;
-    eventually(Duration::from_secs(30), "the first 100", || async {
+    eventually(Duration::from_secs(120), "the first 100", || async {
         w.stream.count().await >= 100
     })
     .await;
@@ -586,7 +574,7 @@ async fn a_slot_dropped_under_a_running_relay_loses_nothing() {
     settings.relay.waiting_time = Duration::from_millis(200);
     let running = w.start(settings);
     let before = write_messages(&w.t.db, "/topic/orders.created", 100).await;
-    eventually(Duration::from_secs(30), "the first 100", || async {
+    eventually(Duration::from_secs(120), "the first 100", || async {
         w.stream.count().await >= 100
     })
     .await;

@@ -87,15 +87,9 @@ enum End {
 impl WalCapture {
     /// Relay from the stream until `shutdown`; outages are waited out.
     pub(crate) async fn run(self, mut shutdown: Shutdown) -> Result<RelayReport> {
-        if self.db.get_database_backend() != DbBackend::Postgres {
-            return Err(Error::Capture {
-                problem: "relay.capture = \"wal\" reads PostgreSQL's logical replication"
-                    .to_owned(),
-                fix: "use relay.capture = \"claim\" with MariaDB and SQLite".to_owned(),
-            });
-        }
-        let target = Target::parse(self.settings.database_url()?)?;
+        // First: on another database this says to use claims.
         slot::check(&self.db, &self.settings.wal).await?;
+        let target = Target::parse(self.settings.database_url()?)?;
         let mut totals = RelayReport::default();
         let mut backoff = Backoff::new(self.settings.broker.maximum_backoff);
         let mut standby = false;
@@ -264,17 +258,10 @@ fn classify(settings: &Settings, endpoint: &str, err: PgWireError) -> Error {
     let text = crate::redact::text(&err.to_string());
     let wal = &settings.wal;
     if text.contains("does not exist") && text.contains("replication slot") {
-        return Error::Capture {
-            problem: format!("the replication slot `{}` does not exist", wal.slot),
-            fix: "run `outbox-cli wal setup` (it creates the slot and the publication)".to_owned(),
-        };
+        return slot::missing_slot(wal);
     }
     if text.contains("publication") && text.contains("does not exist") {
-        return Error::Capture {
-            problem: format!("the publication `{}` does not exist", wal.publication),
-            fix: "run `outbox-cli wal setup`, or set wal.publication to an existing publication"
-                .to_owned(),
-        };
+        return slot::missing_publication(wal);
     }
     if matches!(err, PgWireError::Auth(_))
         || text.contains("must be superuser or replication role")

@@ -269,22 +269,32 @@ pub async fn wal_drop(db: &DatabaseConnection, wal: &WalSettings) -> Result<(boo
     Ok((slot.is_some(), publication))
 }
 
+/// The publication `wal.publication` is not there, with the fix.
+pub(crate) fn missing_publication(wal: &WalSettings) -> Error {
+    Error::Capture {
+        problem: format!("the publication `{}` does not exist", wal.publication),
+        fix: "run `outbox-cli wal setup`, or set wal.publication to an existing publication"
+            .to_owned(),
+    }
+}
+
+/// The slot `wal.slot` is not there, with the fix.
+pub(crate) fn missing_slot(wal: &WalSettings) -> Error {
+    Error::Capture {
+        problem: format!("the replication slot `{}` does not exist", wal.slot),
+        fix: "run `outbox-cli wal setup` (it creates the slot and the publication)".to_owned(),
+    }
+}
+
 /// Before a relay starts reading: the server, the publication and the slot.
 pub(crate) async fn check(db: &DatabaseConnection, wal: &WalSettings) -> Result<()> {
     postgres_only(db)?;
     check_server(db).await?;
     if publication_tables(db, &wal.publication).await?.is_none() {
-        return Err(Error::Capture {
-            problem: format!("the publication `{}` does not exist", wal.publication),
-            fix: "run `outbox-cli wal setup`, or set wal.publication to an existing publication"
-                .to_owned(),
-        });
+        return Err(missing_publication(wal));
     }
     match slot_state(db, &wal.slot).await? {
-        None => Err(Error::Capture {
-            problem: format!("the replication slot `{}` does not exist", wal.slot),
-            fix: "run `outbox-cli wal setup` (it creates the slot and the publication)".to_owned(),
-        }),
+        None => Err(missing_slot(wal)),
         Some(SlotState {
             wal_status: Some(status),
             ..
