@@ -7,7 +7,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::nats::{TestStream, nats_url};
+use common::nats::{PrivateNats, TestStream, nats_url};
+use common::private::{Private, Server};
 use common::{Backend, TestDb, cli, eventually, settings, signal, status_counts, write_messages};
 use outbox_core::{Capture, Relay, Settings, Status, shutdown_channel};
 use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
@@ -23,7 +24,8 @@ struct Wal {
     t: TestDb,
 }
 
-struct SlotGuard(String);
+/// A slot's name, and the admin URL of its server.
+struct SlotGuard(String, String);
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
@@ -35,16 +37,7 @@ impl Drop for SlotGuard {
         );
         for _ in 0..20 {
             let done = std::process::Command::new("psql")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-qAtc",
-                    &sql,
-                ])
+                .args(["-d", &self.1, "-qAtc", &sql])
                 .output()
                 .map(|o| o.status.success())
                 .unwrap_or(false);
@@ -59,8 +52,25 @@ impl Drop for SlotGuard {
 impl Wal {
     async fn new() -> Wal {
         let t = TestDb::new(Backend::Postgres).await;
+        Wal::with(t, common::postgres_admin_url(), &nats_url()).await
+    }
+
+    /// The same on another PostgreSQL server (a private cluster), given its
+    /// admin URL.
+    async fn on(admin_url: &str) -> Wal {
+        let t = TestDb::on_postgres(admin_url).await;
+        Wal::with(t, admin_url.to_owned(), &nats_url()).await
+    }
+
+    /// The same with the stream on another NATS server.
+    async fn to_nats(url: &str) -> Wal {
+        let t = TestDb::new(Backend::Postgres).await;
+        Wal::with(t, common::postgres_admin_url(), url).await
+    }
+
+    async fn with(t: TestDb, admin_url: String, nats: &str) -> Wal {
         let mut settings = settings(&t.url);
-        let stream = TestStream::create(&nats_url(), &mut settings).await;
+        let stream = TestStream::create(nats, &mut settings).await;
         settings.relay.capture = Capture::Wal;
         settings.wal.slot = format!("outbox_{}", stream.prefix);
         settings.wal.publication = "outbox_test".to_owned();
@@ -69,7 +79,7 @@ impl Wal {
             .expect("wal setup");
         assert!(setup.slot_created && setup.publication_created);
         Wal {
-            slot: SlotGuard(settings.wal.slot.clone()),
+            slot: SlotGuard(settings.wal.slot.clone(), admin_url),
             stream,
             settings,
             t,
@@ -88,18 +98,24 @@ impl Wal {
 
     /// `outbox-cli publish` in `wal` mode on this database, slot and stream.
     fn spawn_cli_relay(&self) -> tokio::process::Child {
+        self.cli_relay()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start outbox-cli publish")
+    }
+
+    fn cli_relay(&self) -> tokio::process::Command {
         let mut command = cli(&self.t.url);
         command
-            .env("AMQP_URL", nats_url())
+            .env("AMQP_URL", &self.stream.url)
             .env("OUTBOX_RELAY_CAPTURE", "wal")
             .env("OUTBOX_WAL_SLOT", &self.settings.wal.slot)
             .env("OUTBOX_WAL_PUBLICATION", &self.settings.wal.publication)
             .env("OUTBOX_NATS_STREAM", &self.stream.name)
             .env("OUTBOX_NATS_SUBJECT_PREFIX", &self.stream.prefix)
-            .arg("publish")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        command.spawn().expect("start outbox-cli publish")
+            .arg("publish");
+        command
     }
 
     async fn confirmed_flush_lsn(&self) -> i64 {
@@ -115,6 +131,60 @@ impl Wal {
             .unwrap()
             .expect("the slot exists");
         row.try_get_by_index(0).unwrap()
+    }
+
+    /// The server's clock (µs since the epoch) once the walsender reading
+    /// this slot has sent everything up to `lsn`.
+    async fn when_sent(&self, lsn: i64) -> i64 {
+        let sql = "SELECT (extract(epoch FROM now()) * 1e6)::bigint FROM pg_stat_replication r \
+                   JOIN pg_replication_slots s ON s.active_pid = r.pid \
+                   WHERE s.slot_name = $1 AND (r.sent_lsn - '0/0'::pg_lsn)::bigint >= $2";
+        let at = std::sync::atomic::AtomicI64::new(0);
+        eventually(
+            Duration::from_secs(60),
+            "the walsender sent the writes",
+            || async {
+                let row = self
+                    .t
+                    .db
+                    .query_one_raw(Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        sql,
+                        vec![self.slot.0.clone().into(), lsn.into()],
+                    ))
+                    .await
+                    .unwrap();
+                match row {
+                    Some(row) => {
+                        at.store(
+                            row.try_get_by_index(0).unwrap(),
+                            std::sync::atomic::Ordering::SeqCst,
+                        );
+                        true
+                    }
+                    None => false,
+                }
+            },
+        )
+        .await;
+        at.into_inner()
+    }
+
+    /// When the relay's last status update arrived (µs since the epoch).
+    async fn last_reply_micros(&self) -> i64 {
+        let sql = "SELECT (extract(epoch FROM r.reply_time) * 1e6)::bigint FROM pg_stat_replication r \
+                   JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1";
+        self.t
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                vec![self.slot.0.clone().into()],
+            ))
+            .await
+            .unwrap()
+            .map(|row| row.try_get_by_index(0).unwrap())
+            .unwrap_or(0)
     }
 
     async fn stream_ids(&self) -> Vec<String> {
@@ -137,6 +207,17 @@ impl Running {
         self.trigger.trigger();
         self.task.await.unwrap().expect("relay")
     }
+}
+
+/// `n` messages to `destination` in one transaction, only in the WAL.
+async fn write_wal(db: &sea_orm::DatabaseConnection, destination: &str, n: usize) -> Vec<Uuid> {
+    let txn = db.begin().await.unwrap();
+    let messages = (0..n)
+        .map(|i| outbox_core::Message::new(destination, serde_json::json!({ "n": i })).unwrap())
+        .collect();
+    let written = outbox_core::write_to_wal(&txn, messages).await.unwrap();
+    txn.commit().await.unwrap();
+    written.into_iter().map(|m| m.id).collect()
 }
 
 /// `n` messages to `destination` written on `db` (a transaction too).
@@ -467,12 +548,27 @@ async fn a_jetstream_outbox_table_is_relayed_as_jetstream_outbox_sends_it() {
     assert_eq!(left, 0, "no rows accumulate");
 }
 
-/// kill -9 of the relay mid-stream, then a new one: every id in the stream,
-/// and JetStream dropped the repeats (zero duplicate entries).
+/// kill -9 of the relay mid-stream, then a new one, over both shapes that
+/// come from the stream (rows, and messages only in the WAL, which have no
+/// row to fall back on): every id in the stream, and JetStream dropped the
+/// repeats (zero duplicate entries).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_killed_mid_stream_resumes_from_the_slot() {
     let w = Wal::new().await;
-    let ids = write_messages(&w.t.db, "/topic/orders.created", 20_000).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.extend(write_messages(&w.t.db, "/topic/orders.created", 500).await);
+        let txn = w.t.db.begin().await.unwrap();
+        let messages = (0..500)
+            .map(|n| {
+                outbox_core::Message::new("/topic/orders.wal", serde_json::json!({ "n": n }))
+                    .unwrap()
+            })
+            .collect();
+        let written = outbox_core::write_to_wal(&txn, messages).await.unwrap();
+        txn.commit().await.unwrap();
+        ids.extend(written.into_iter().map(|m| m.id));
+    }
     let mut first = w.spawn_cli_relay();
     eventually(Duration::from_secs(60), "some in the stream", || async {
         w.stream.count().await >= 2_000
@@ -485,12 +581,13 @@ async fn a_relay_killed_mid_stream_resumes_from_the_slot() {
     let mut second = w.spawn_cli_relay();
     eventually(
         Duration::from_secs(120),
-        "all 20,000 in the stream",
+        "all 20,000 in the stream, the 10,000 rows marked",
         || async {
-            status_counts(&w.t.db)
-                .await
-                .get(&(Status::Succeeded.code()))
-                == Some(&20_000)
+            w.stream.count().await >= 20_000
+                && status_counts(&w.t.db)
+                    .await
+                    .get(&(Status::Succeeded.code()))
+                    == Some(&10_000)
         },
     )
     .await;
@@ -502,6 +599,56 @@ async fn a_relay_killed_mid_stream_resumes_from_the_slot() {
         20_000,
         "zero duplicate stream entries ({at_kill} at the kill)"
     );
+    let unique: HashSet<&String> = stream_ids.iter().collect();
+    assert!(ids.iter().all(|id| unique.contains(&id.to_string())));
+}
+
+/// The slot is confirmed only through what the broker acknowledged. With
+/// the NATS server paused, messages the relay has read and published stay
+/// unconfirmed however many status updates it sends; killed then, the next
+/// relay sends them all (JetStream drops what the first one got through).
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_the_broker_did_not_acknowledge_is_confirmed() {
+    let nats = PrivateNats::start().await;
+    let w = Wal::to_nats(&nats.url()).await;
+    let mut first = w.spawn_cli_relay();
+    let mut ids = write_wal(&w.t.db, "/topic/orders.wal", 100).await;
+    eventually(Duration::from_secs(120), "the first 100", || async {
+        w.stream.count().await >= 100
+    })
+    .await;
+    nats.pause();
+    let before = current_wal_lsn(&w.t.db).await;
+    ids.extend(write_wal(&w.t.db, "/topic/orders.wal", 500).await);
+    ids.extend(write_wal(&w.t.db, "/topic/orders.wal", 500).await);
+    let written = current_wal_lsn(&w.t.db).await;
+    let sent_at = w.when_sent(written).await;
+    // The relay has had them a second, answering every 200 ms meanwhile.
+    eventually(
+        Duration::from_secs(20),
+        "status updates a second after the relay got them",
+        || async { w.last_reply_micros().await > sent_at + 1_000_000 },
+    )
+    .await;
+    let confirmed = w.confirmed_flush_lsn().await;
+    assert!(
+        confirmed <= before,
+        "confirmed {confirmed} passes {before}, where the unacknowledged messages start"
+    );
+    signal(&first, "KILL");
+    let _ = first.wait().await;
+    nats.resume();
+    let mut second = w.spawn_cli_relay();
+    eventually(
+        Duration::from_secs(120),
+        "all 1,100 in the stream",
+        || async { w.stream.count().await >= 1_100 },
+    )
+    .await;
+    signal(&second, "TERM");
+    let _ = second.wait().await;
+    let stream_ids = w.stream_ids().await;
+    assert_eq!(stream_ids.len(), 1_100, "zero duplicate stream entries");
     let unique: HashSet<&String> = stream_ids.iter().collect();
     assert!(ids.iter().all(|id| unique.contains(&id.to_string())));
 }
@@ -611,6 +758,114 @@ async fn a_slot_dropped_under_a_running_relay_loses_nothing() {
     }
 }
 
+/// PostgreSQL crashes (an immediate shutdown) and starts again while rows
+/// are written and relayed: every committed row arrives, once in the stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_mid_stream_loses_nothing() {
+    let cluster = Private::start(Server::Postgres, &["-c", "wal_level=logical"]).await;
+    let w = Wal::on(&cluster.postgres_url("postgres")).await;
+    let mut settings = w.settings.clone();
+    settings.broker.maximum_backoff = Duration::from_secs(1);
+    let running = w.start(settings);
+    // The writer goes on through the outage; a write that fails is tried
+    // again. Which rows committed is read from the table at the end.
+    let writer = {
+        let db = w.t.db.clone();
+        tokio::spawn(async move {
+            let mut written = 0;
+            while written < 3_000 {
+                let messages = (0..50)
+                    .map(|n| {
+                        outbox_core::Message::new(
+                            "/topic/orders.created",
+                            serde_json::json!({ "n": written + n }),
+                        )
+                        .unwrap()
+                    })
+                    .collect();
+                match outbox_core::write_all(&db, messages).await {
+                    Ok(_) => written += 50,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    };
+    eventually(Duration::from_secs(120), "500 in the stream", || async {
+        w.stream.count().await >= 500
+    })
+    .await;
+    cluster.kill().await;
+    cluster.up().await;
+    writer.await.unwrap();
+    let committed: Vec<String> =
+        w.t.db
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT id::text FROM published",
+            ))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|row| row.try_get_by_index(0).unwrap())
+            .collect();
+    assert!(committed.len() >= 3_000);
+    eventually(
+        Duration::from_secs(180),
+        "every committed row in the stream",
+        || async { w.stream.count().await >= committed.len() as u64 },
+    )
+    .await;
+    eventually(Duration::from_secs(120), "every row marked", || async {
+        status_counts(&w.t.db).await.get(&Status::Succeeded.code())
+            == Some(&(committed.len() as u64))
+    })
+    .await;
+    running.stop().await;
+    let stream_ids = w.stream_ids().await;
+    assert_eq!(
+        stream_ids.len(),
+        committed.len(),
+        "zero duplicate stream entries"
+    );
+    let unique: HashSet<&String> = stream_ids.iter().collect();
+    for id in &committed {
+        assert!(unique.contains(id), "{id} lost");
+    }
+}
+
+/// Past `wal.lag_warning` the relay warns, naming the slot and its lag,
+/// while it is busy with a backlog too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_lagging_past_the_limit_is_warned_about() {
+    let w = Wal::new().await;
+    write_messages(&w.t.db, "/topic/orders.created", 5_000).await;
+    let log = std::env::temp_dir().join(format!("outbox-wal-lag-{}.log", Uuid::new_v4().simple()));
+    let mut relay = w
+        .cli_relay()
+        .env("OUTBOX_WAL_LAG_WARNING", "1")
+        .env("OUTBOX_RELAY_PROGRESS_INTERVAL", "0.2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start outbox-cli publish");
+    let warning = "the replication slot holds WAL the relay has not confirmed";
+    eventually(Duration::from_secs(60), "the lag warning", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(warning)
+    })
+    .await;
+    signal(&relay, "TERM");
+    let _ = relay.wait().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let line = text.lines().find(|l| l.contains(warning)).unwrap();
+    assert!(
+        line.contains(&w.settings.wal.slot) && line.contains("lag_bytes="),
+        "{line}"
+    );
+}
+
 /// Capture is PostgreSQL's; elsewhere the error says what to use.
 #[tokio::test(flavor = "multi_thread")]
 async fn wal_capture_on_another_database_says_to_use_claim() {
@@ -634,7 +889,7 @@ async fn wal_capture_on_another_database_says_to_use_claim() {
 async fn the_cli_sets_up_shows_and_drops_capture() {
     let t = TestDb::new(Backend::Postgres).await;
     let slot = format!("outbox_cli_{}", &Uuid::new_v4().simple().to_string()[..8]);
-    let _guard = SlotGuard(slot.clone());
+    let _guard = SlotGuard(slot.clone(), common::postgres_admin_url());
     let run = |args: &'static [&'static str]| {
         let mut command = cli(&t.url);
         command.env("OUTBOX_WAL_SLOT", &slot).args(args);
@@ -685,7 +940,7 @@ async fn capture_relays_to_rabbitmq_too() {
     let mut settings = settings(&t.url);
     settings.relay.capture = Capture::Wal;
     settings.wal.slot = format!("outbox_amqp_{}", &Uuid::new_v4().simple().to_string()[..10]);
-    let _slot = SlotGuard(settings.wal.slot.clone());
+    let _slot = SlotGuard(settings.wal.slot.clone(), common::postgres_admin_url());
     outbox_core::wal_setup(&t.db, &settings.wal).await.unwrap();
     let (trigger, shutdown) = shutdown_channel();
     let relay = tokio::spawn(Relay::new(t.db.clone(), settings).run(shutdown));

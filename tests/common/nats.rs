@@ -202,6 +202,29 @@ impl PrivateNats {
         .await;
     }
 
+    /// SIGSTOP: the server holds every connection open and answers nothing.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`PrivateNats::pause`].
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|child| child.id())
+            .expect("nats-server running");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} nats-server");
+    }
+
     /// kill -9.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

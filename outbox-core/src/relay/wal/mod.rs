@@ -178,6 +178,9 @@ impl WalCapture {
             tokio::select! {
                 biased;
                 () = shutdown.wait() => break Ok(End::Stopped),
+                // Before the stream: a busy stream must not starve the lag
+                // check, which matters most then.
+                _ = lag.tick() => self.watch_lag().await,
                 outcomes = publisher.outcomes(), if publisher.in_flight() > 0 => {
                     match outcomes {
                         Ok(outcomes) => session.settle(outcomes, report).await?,
@@ -199,7 +202,6 @@ impl WalCapture {
                         _ => {}
                     }
                 }
-                _ = lag.tick() => self.watch_lag().await,
             }
             if let Some(lsn) = session.watermark.advance() {
                 client.update_applied_lsn(Lsn::from_u64(lsn));
