@@ -313,6 +313,127 @@ impl Running {
 }
 
 /// The durable's unacked and undelivered counts.
+/// `dlq list` shows a durable's dead letters in place, with why they
+/// failed; `dlq replay` sends them back to their subject, where the
+/// consumer runs them (now fixed) once each, and removes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_listed_and_replayed() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&nats_url(), &mut settings).await;
+    settings.consumer.batch_size = 1;
+    let fixed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (is_fixed, counter) = (fixed.clone(), runs.clone());
+    let consumer = outbox_core::Consumer::new(
+        t.db.clone(),
+        settings.clone(),
+        "/topic/orders.created",
+        Some("billing"),
+        move |payload: outbox_core::Payload| {
+            let (is_fixed, counter) = (is_fixed.clone(), counter.clone());
+            async move {
+                if payload.body()["bad"] == true {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if !is_fixed.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Ok(payload.nack("bad order"));
+                    }
+                }
+                Ok(payload.save_alone().await?)
+            }
+        },
+    )
+    .unwrap();
+    consumer.declare().await.unwrap();
+    let running = Running::start(consumer);
+    let mut bad = Vec::new();
+    for n in 0..3 {
+        let row = outbox_core::write(
+            &t.db,
+            outbox_core::Message::new(
+                "/topic/orders.created",
+                serde_json::json!({ "bad": true, "n": n }),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        bad.push(row.id.to_string());
+    }
+    write_messages(&t.db, "/topic/orders.created", 20).await;
+    Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(120),
+        "20 received rows and 3 dead letters",
+        || async {
+            common::received_count(&t.db).await == 20
+                && outbox_core::dead_letters(&settings, "billing", 10)
+                    .await
+                    .unwrap()
+                    .len()
+                    == 3
+        },
+    )
+    .await;
+
+    let dlq = |args: &[&str]| {
+        let mut command = cli(&t.url);
+        command
+            .env("AMQP_URL", nats_url())
+            .env("OUTBOX_NATS_STREAM", &stream.name)
+            .env("OUTBOX_NATS_SUBJECT_PREFIX", &stream.prefix)
+            .arg("dlq")
+            .args(args);
+        command
+    };
+    let listed = dlq(&["list", "billing"]).output().await.unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    for (line, id) in lines.iter().zip(&bad) {
+        assert!(line.starts_with(id.as_str()), "oldest first: {line}");
+        assert!(line.contains("error: bad order"), "{line}");
+        assert!(line.contains("copied from billing"), "{line}");
+    }
+    // Listing took nothing.
+    assert_eq!(
+        outbox_core::dead_letters(&settings, "billing", 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+
+    fixed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let replayed = dlq(&["replay", "billing"]).output().await.unwrap();
+    assert!(replayed.status.success(), "{replayed:?}");
+    assert!(
+        String::from_utf8_lossy(&replayed.stdout).contains("replayed 3 dead letter(s) of billing"),
+        "{replayed:?}"
+    );
+    eventually(Duration::from_secs(120), "23 received rows", || async {
+        common::received_count(&t.db).await == 23
+    })
+    .await;
+    running.stop().await;
+    assert!(
+        outbox_core::dead_letters(&settings, "billing", 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "replayed dead letters are removed"
+    );
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        6,
+        "each bad order ran once failing and once replayed"
+    );
+}
+
 async fn durable_backlog(url: &str, stream: &str, durable: &str) -> (usize, u64) {
     let jetstream = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = jetstream

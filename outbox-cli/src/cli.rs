@@ -51,7 +51,7 @@ pub enum Command {
     /// Inspect, retry or discard FAILED outbox rows.
     #[command(subcommand)]
     Failed(FailedCommand),
-    /// Inspect or replay a consumer's dead-letter queue (`DLQ.<queue>`).
+    /// Inspect or replay a consumer's dead letters (`DLQ.<queue>`; on NATS `DLQ.<stream>.<durable>`).
     #[command(subcommand)]
     Dlq(DlqCommand),
     /// Create or show the NATS JetStream stream the relay writes to (`nats.*` settings).
@@ -128,7 +128,7 @@ pub enum FailedCommand {
 /// `dlq ...`
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// Show messages in DLQ.<queue> without removing them.
+    /// Show messages in DLQ.<queue> (NATS: the durable's dead letters) without removing them.
     List {
         /// The consumer's queue (not the DLQ name).
         queue: String,
@@ -139,7 +139,7 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Move messages from DLQ.<queue> back to <queue>, each acked only after the broker confirmed it.
+    /// Move messages from DLQ.<queue> back to <queue> (NATS: to the subject each failed on), each removed only after the broker confirmed it.
     Replay {
         /// The consumer's queue (not the DLQ name).
         queue: String,

@@ -221,22 +221,26 @@ fn nats_of(settings: &Settings) -> Result<crate::broker::nats::Nats> {
         ))
 }
 
-/// Look at up to `limit` messages in `DLQ.<queue>` without removing them.
+/// Look at up to `limit` messages in `DLQ.<queue>` without removing them
+/// (on JetStream: the durable `<queue>`'s dead letters, `DLQ.<stream>.<durable>`).
 pub async fn dead_letters(
     settings: &Settings,
     queue: &str,
     limit: usize,
 ) -> Result<Vec<DeadLetter>> {
     let transport = Transport::from_settings(settings)?;
-    let amqp = transport.amqp().ok_or(Error::UnsupportedByTransport(
-        "the dead-letter tools work on RabbitMQ queues; broker.url names another broker".to_owned(),
-    ))?;
+    if let Some(nats) = transport.nats() {
+        return crate::broker::nats::dead_letters::dead_letters(nats, queue, limit).await;
+    }
+    let amqp = transport.amqp().ok_or_else(no_dead_letter_tools)?;
     crate::broker::amqp::dead_letters(amqp, queue, limit).await
 }
 
 /// Move up to `limit` messages from `DLQ.<queue>` back to `<queue>`, each
-/// acked in the DLQ only after the broker confirmed the republish.
-/// `progress` is called after each message with the count so far.
+/// acked in the DLQ only after the broker confirmed the republish (on
+/// JetStream: back to the subject each failed on, deleted from the
+/// dead-letter stream after the PubAck). `progress` is called after each
+/// message with the count so far.
 pub async fn replay_dead_letters(
     settings: &Settings,
     queue: &str,
@@ -244,8 +248,18 @@ pub async fn replay_dead_letters(
     progress: impl FnMut(u64),
 ) -> Result<u64> {
     let transport = Transport::from_settings(settings)?;
-    let amqp = transport.amqp().ok_or(Error::UnsupportedByTransport(
-        "the dead-letter tools work on RabbitMQ queues; broker.url names another broker".to_owned(),
-    ))?;
+    if let Some(nats) = transport.nats() {
+        return crate::broker::nats::dead_letters::replay_dead_letters(
+            nats, queue, limit, progress,
+        )
+        .await;
+    }
+    let amqp = transport.amqp().ok_or_else(no_dead_letter_tools)?;
     crate::broker::amqp::replay_dead_letters(amqp, queue, limit, progress).await
+}
+
+fn no_dead_letter_tools() -> Error {
+    Error::UnsupportedByTransport(
+        "the dead-letter tools work on RabbitMQ queues and JetStream dead-letter streams; broker.url names another broker".to_owned(),
+    )
 }

@@ -172,7 +172,7 @@ pub(crate) async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Res
             }
             if !json {
                 eprintln!(
-                    "{} message(s) shown from DLQ.{queue} (left in place)",
+                    "{} dead letter(s) of {queue} shown (left in place)",
                     letters.len()
                 );
             }
@@ -184,7 +184,7 @@ pub(crate) async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Res
             })
             .await?;
             progress.end_line();
-            println!("replayed {moved} message(s) from DLQ.{queue} to {queue}");
+            println!("replayed {moved} dead letter(s) of {queue}");
         }
     }
     Ok(())

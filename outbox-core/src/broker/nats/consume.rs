@@ -286,6 +286,10 @@ impl Acker {
             .collect();
         headers.insert("x-outbox-error", reason.as_str());
         headers.insert("x-outbox-queue", self.durable.as_str());
+        headers.insert(
+            super::dead_letters::SUBJECT_HEADER,
+            message.subject.as_str(),
+        );
         let ack = self
             .jetstream
             .publish_with_headers(

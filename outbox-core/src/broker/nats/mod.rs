@@ -5,6 +5,7 @@
 //! stream's duplicate window, and is confirmed by its PubAck.
 
 mod consume;
+pub(crate) mod dead_letters;
 mod publish;
 pub(crate) mod stream;
 mod subject;
