@@ -1,8 +1,10 @@
-//! trybuild: what `#[derive(Publish)]` accepts and how it rejects bad input.
+//! trybuild: how `#[derive(Publish)]` rejects bad input. Only failing cases
+//! here, so trybuild checks its project instead of building it (a build
+//! compiles every dependency again in its own target directory); what the
+//! derive accepts is `derive_pass.rs`, compiled with the suite.
 
 #[test]
 fn ui() {
     let t = trybuild::TestCases::new();
-    t.pass("ui/pass/*.rs");
     t.compile_fail("ui/fail/*.rs");
 }

@@ -346,8 +346,14 @@ pub async fn received_count(db: &DatabaseConnection) -> u64 {
         .expect("count received")
 }
 
-/// The `outbox-cli` binary of this build (built on demand when a test runs alone).
+/// The `outbox-cli` binary of this build: `OUTBOX_TEST_CLI` when set
+/// (scripts/test.sh names the one `cargo test --workspace --all-targets`
+/// just built), else built on demand, as when a test runs alone. That build
+/// has other features than the test build, so it recompiles outbox-core.
 pub fn cli_binary() -> std::path::PathBuf {
+    if let Some(binary) = std::env::var_os("OUTBOX_TEST_CLI") {
+        return binary.into();
+    }
     static BUILD: Once = Once::new();
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe

@@ -6,7 +6,7 @@ use serde::Serialize;
 #[sea_orm(table_name = "orders")]
 #[publish(destination = "/topic/orders.created", fields = [customer, total], version = "v1")]
 #[publish(destination = "/queue/order-summaries", serializer = summary)]
-#[publish(destination = "/exchange/audit/orders", serializer = crate::to_json)]
+#[publish(destination = "/exchange/audit/orders", serializer = self::to_json)]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i32,
