@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::nats::{PrivateNats, TestStream, nats_url};
 use common::{Backend, TestDb, cli, eventually, settings, signal, status_counts, write_messages};
 use outbox_core::entity::published;
-use outbox_core::{Relay, Shutdown, Status, shutdown_channel};
+use outbox_core::{Relay, Settings, Shutdown, Status, shutdown_channel};
 use sea_orm::{ConnectionTrait, EntityTrait};
 use uuid::Uuid;
 
@@ -642,4 +642,129 @@ async fn credentials_in_the_url_work_and_a_wrong_password_is_refused_with_the_fi
         !said.contains(PASSWORD) && !said.contains("WrongPa55"),
         "{said}"
     );
+}
+
+/// A server that requires TLS with a private CA and an NKey user: the relay
+/// connects with `tls://`, `nats.tls_ca_file` and `nats.nkey_seed_file` and
+/// sends; without the CA, or with another NKey, it stops with the fix, and
+/// no seed appears in what it says.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_with_a_private_ca_and_an_nkey_user() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    let public = user.public_key();
+    let server = PrivateNats::start_with_config(|dir| {
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .current_dir(dir)
+                .args(args)
+                .output()
+                .expect("run openssl");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=outbox test CA",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        format!(
+            "tls {{\n  cert_file: \"{0}/server.pem\"\n  key_file: \"{0}/server.key\"\n}}\n\
+             authorization {{\n  users: [ {{ nkey: \"{public}\" }} ]\n}}\n",
+            dir.display()
+        )
+    })
+    .await;
+    std::fs::write(server.dir().join("user.nk"), &seed).unwrap();
+    let t = TestDb::new(Backend::Sqlite).await;
+    let mut settings = settings(&t.url);
+    settings.broker.url = format!("tls://127.0.0.1:{}", server.port);
+    settings.nats.tls_ca_file = Some(server.dir().join("ca.pem"));
+    settings.nats.nkey_seed_file = Some(server.dir().join("user.nk"));
+    settings.nats.stream = "TLS".to_owned();
+    settings.nats.subject_prefix = "tls".to_owned();
+    let (change, _) = outbox_core::ensure_stream(&settings).await.unwrap();
+    assert_eq!(change, outbox_core::StreamChange::Created);
+    write_messages(&t.db, "/topic/orders", 10).await;
+    let report = Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(report.published, 10);
+    assert_eq!(
+        outbox_core::stream_info(&settings)
+            .await
+            .unwrap()
+            .unwrap()
+            .messages,
+        10
+    );
+
+    write_messages(&t.db, "/topic/orders", 1).await;
+    let refused = |settings: Settings| {
+        let db = t.db.clone();
+        async move {
+            let err = Relay::new(db, settings)
+                .run_until_empty(Shutdown::never())
+                .await
+                .unwrap_err();
+            let said = outbox_core::report(&err);
+            assert!(
+                matches!(err, outbox_core::Error::BrokerRefused { .. }),
+                "{said}"
+            );
+            said
+        }
+    };
+    let mut untrusted = settings.clone();
+    untrusted.nats.tls_ca_file = None;
+    let said = refused(untrusted).await;
+    assert!(said.contains("nats.tls_ca_file"), "{said}");
+
+    let other = nkeys::KeyPair::new_user().seed().unwrap();
+    std::fs::write(server.dir().join("other.nk"), &other).unwrap();
+    let mut stranger = settings.clone();
+    stranger.nats.nkey_seed_file = Some(server.dir().join("other.nk"));
+    let said = refused(stranger).await;
+    assert!(said.contains("nats.nkey_seed_file"), "{said}");
+    assert!(!said.contains(&seed) && !said.contains(&other), "{said}");
 }

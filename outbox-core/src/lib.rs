@@ -65,6 +65,7 @@ mod schema;
 mod settings;
 mod shutdown;
 mod status;
+mod tls;
 mod url;
 
 pub use admin::{

@@ -77,6 +77,14 @@ pub struct NatsSettings {
     pub credentials_file: Option<PathBuf>,
     /// `nats.nkey_seed_file`: a file holding an NKey seed (`SU…`).
     pub nkey_seed_file: Option<PathBuf>,
+    /// `nats.tls_ca_file`: PEM certificates to trust for the server's TLS
+    /// certificate, besides the system's (a private CA).
+    pub tls_ca_file: Option<PathBuf>,
+    /// `nats.tls_cert_file` and `nats.tls_key_file`: a client certificate
+    /// and its key (PEM), for servers that verify clients.
+    pub tls_cert_file: Option<PathBuf>,
+    /// See `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     /// `nats.publish_window`: publishes awaiting their PubAck at once.
     pub publish_window: usize,
     /// `nats.stream`: the stream `outbox-cli stream` creates or checks.
@@ -98,6 +106,9 @@ impl std::fmt::Debug for NatsSettings {
             .field("subject_prefix", &self.subject_prefix)
             .field("credentials_file", &self.credentials_file)
             .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .field("publish_window", &self.publish_window)
             .field("stream", &self.stream)
             .field("stream_subjects", &self.stream_subjects)
@@ -303,6 +314,9 @@ impl Default for Settings {
                 subject_prefix: "outbox".to_owned(),
                 credentials_file: None,
                 nkey_seed_file: None,
+                tls_ca_file: None,
+                tls_cert_file: None,
+                tls_key_file: None,
                 publish_window: 1000,
                 stream: "OUTBOX".to_owned(),
                 stream_subjects: Vec::new(),
@@ -395,6 +409,18 @@ const KEYS: &[(&str, Setter)] = &[
     }),
     ("nats.nkey_seed_file", |s, v| {
         s.nats.nkey_seed_file = (!v.is_empty()).then(|| PathBuf::from(v));
+        Ok(())
+    }),
+    ("nats.tls_ca_file", |s, v| {
+        s.nats.tls_ca_file = (!v.is_empty()).then(|| PathBuf::from(v));
+        Ok(())
+    }),
+    ("nats.tls_cert_file", |s, v| {
+        s.nats.tls_cert_file = (!v.is_empty()).then(|| PathBuf::from(v));
+        Ok(())
+    }),
+    ("nats.tls_key_file", |s, v| {
+        s.nats.tls_key_file = (!v.is_empty()).then(|| PathBuf::from(v));
         Ok(())
     }),
     ("nats.publish_window", |s, v| {

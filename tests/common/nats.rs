@@ -120,6 +120,8 @@ pub struct PrivateNats {
     child: Option<tokio::process::Child>,
     /// `--user`/`--pass` the server requires, if any.
     user: Option<(String, String)>,
+    /// A configuration file (`-c`); the server is then ready when its log says so.
+    config: Option<PathBuf>,
 }
 
 impl PrivateNats {
@@ -132,21 +134,42 @@ impl PrivateNats {
         PrivateNats::start_as(Some((user.to_owned(), password.to_owned()))).await
     }
 
+    /// A server with this configuration file text besides the port and
+    /// store (for TLS and NKey users); `dir()` may hold files it names.
+    pub async fn start_with_config(config: impl FnOnce(&std::path::Path) -> String) -> PrivateNats {
+        let mut nats = PrivateNats::start_as_not_up(None).await;
+        let path = nats.dir.join("server.conf");
+        std::fs::write(&path, config(&nats.dir)).expect("write server.conf");
+        nats.config = Some(path);
+        nats.up().await;
+        nats
+    }
+
     async fn start_as(user: Option<(String, String)>) -> PrivateNats {
+        let mut nats = PrivateNats::start_as_not_up(user).await;
+        nats.up().await;
+        nats
+    }
+
+    async fn start_as_not_up(user: Option<(String, String)>) -> PrivateNats {
         let port = super::private::free_port().await;
         let dir = std::env::temp_dir().join(format!(
             "outbox-private-nats-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         ));
         std::fs::create_dir_all(&dir).expect("store dir");
-        let mut nats = PrivateNats {
+        PrivateNats {
             port,
             dir,
             child: None,
             user,
-        };
-        nats.up().await;
-        nats
+            config: None,
+        }
+    }
+
+    /// Its own directory (the store, the log, files a test puts there).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn url(&self) -> String {
@@ -169,6 +192,11 @@ impl PrivateNats {
         if let Some((user, password)) = &self.user {
             command.args(["--user", user, "--pass", password]);
         }
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+            // Readiness is read from the log: not from an earlier start's.
+            let _ = std::fs::remove_file(self.dir.join("server.log"));
+        }
         let child = command
             .arg("-l")
             .arg(self.dir.join("server.log"))
@@ -180,6 +208,20 @@ impl PrivateNats {
             .expect("start nats-server (scripts/services.sh nats installs it)");
         self.child = Some(child);
         let log = self.dir.join("server.log");
+        if self.config.is_some() {
+            // Its clients need what the file asks for; its log says when it is up.
+            super::eventually(
+                Duration::from_secs(20),
+                &format!("the private nats-server is ready (log: {})", log.display()),
+                || async {
+                    std::fs::read_to_string(&log)
+                        .unwrap_or_default()
+                        .contains("Server is ready")
+                },
+            )
+            .await;
+            return;
+        }
         super::eventually(
             Duration::from_secs(20),
             &format!("the private nats-server answers (log: {})", log.display()),

@@ -51,6 +51,7 @@ impl Amqp {
     /// Open a connection. Refused credentials or an unknown vhost are
     /// permanent ([`Error::BrokerRefused`]); anything else is an outage.
     pub(crate) async fn connect(&self, name: &str) -> Result<Connection> {
+        crate::tls::use_ring();
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connected = tokio::time::timeout(
             self.timeout,

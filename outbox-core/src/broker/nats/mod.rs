@@ -106,6 +106,7 @@ impl Nats {
     /// async-nats reconnects by itself and the publisher reports what was
     /// lost meanwhile as unknown.
     pub(crate) async fn connect(&self, name: &str) -> Result<async_nats::Client> {
+        crate::tls::use_ring();
         let mut options = ConnectOptions::new()
             .name(name)
             .connection_timeout(self.timeout)
@@ -133,6 +134,32 @@ impl Nats {
                 )
             })?;
             options = options.nkey(seed.trim().to_owned());
+        }
+        if let Some(path) = &self.settings.tls_ca_file {
+            readable("nats.tls_ca_file", path, "PEM certificates")?;
+            options = options.add_root_certificates(path.clone());
+        }
+        match (&self.settings.tls_cert_file, &self.settings.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                readable("nats.tls_cert_file", cert, "a PEM certificate")?;
+                readable("nats.tls_key_file", key, "a PEM private key")?;
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            (None, None) => {}
+            (cert, _) => {
+                let (set, missing) = if cert.is_some() {
+                    ("nats.tls_cert_file", "nats.tls_key_file")
+                } else {
+                    ("nats.tls_key_file", "nats.tls_cert_file")
+                };
+                return Err(Error::InvalidSetting {
+                    key: missing.to_owned(),
+                    value: String::new(),
+                    allowed: format!(
+                        "a PEM file: {set} is set, and a client certificate needs both"
+                    ),
+                });
+            }
         }
         let mut addresses = Vec::with_capacity(self.servers.len());
         for server in &self.servers {
@@ -163,6 +190,21 @@ impl Nats {
 
     fn connect_error(&self, err: async_nats::ConnectError) -> Error {
         let endpoint = self.endpoint();
+        let text = err.to_string();
+        // async-nats reports a certificate it cannot verify as an IO error.
+        let tls = err.kind() == ConnectErrorKind::Tls
+            || text.contains("certificate")
+            || text.contains("HandshakeFailure");
+        if tls {
+            return Error::BrokerRefused {
+                endpoint,
+                reason: text,
+                fix: "the TLS handshake failed: trust the server's CA with nats.tls_ca_file, \
+                      give a client certificate with nats.tls_cert_file and nats.tls_key_file \
+                      if the server verifies clients, and use tls:// for a server that requires TLS"
+                    .to_owned(),
+            };
+        }
         match err.kind() {
             ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
                 Error::BrokerRefused {
@@ -213,6 +255,14 @@ impl Nats {
 }
 
 /// A credentials file that cannot be read: a setting to fix, not an outage.
+/// async-nats reads TLS files only while connecting, where a missing one
+/// would look like a TLS failure; say which setting names it.
+fn readable(key: &str, path: &std::path::Path, what: &str) -> Result<()> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|err| unreadable(key, path, what, &err))
+}
+
 fn unreadable(key: &str, path: &std::path::Path, what: &str, err: &std::io::Error) -> Error {
     Error::InvalidSetting {
         key: key.to_owned(),

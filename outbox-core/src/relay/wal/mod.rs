@@ -154,6 +154,7 @@ impl WalCapture {
             endpoint: endpoint.clone(),
             reason: crate::redact::text(&err.to_string()),
         };
+        crate::tls::use_ring();
         let mut client = ReplicationClient::connect(target.config(&self.settings, &self.name))
             .await
             .map_err(lost)?;
