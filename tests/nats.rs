@@ -768,3 +768,57 @@ async fn tls_with_a_private_ca_and_an_nkey_user() {
     assert!(said.contains("nats.nkey_seed_file"), "{said}");
     assert!(!said.contains(&seed) && !said.contains(&other), "{said}");
 }
+
+/// A callback slower than the durable's ack wait (2 s here) is not
+/// delivered again while it runs: the consumer marks what it holds in
+/// progress. (Without that, JetStream redelivers after 2 s and the inbox
+/// counts a duplicate.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_slower_than_the_ack_wait_is_not_delivered_again() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&nats_url(), &mut settings).await;
+    settings.broker.operation_timeout = Duration::from_secs(2);
+    settings.consumer.batch_size = 1;
+    // All three pulled at once: two wait behind the slow one.
+    settings.consumer.prefetch = 16;
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = runs.clone();
+    let consumer = outbox_core::Consumer::new(
+        t.db.clone(),
+        settings.clone(),
+        "/topic/orders.slow",
+        Some("slow"),
+        move |payload: outbox_core::Payload| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // The work itself takes three ack waits.
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                Ok(payload.save_alone().await?)
+            }
+        },
+    )
+    .unwrap();
+    consumer.declare().await.unwrap();
+    let running = Running::start(consumer);
+    write_messages(&t.db, "/topic/orders.slow", 3).await;
+    Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(120), "3 received rows", || async {
+        common::received_count(&t.db).await == 3
+    })
+    .await;
+    eventually(Duration::from_secs(60), "everything acked", || async {
+        durable_backlog(&stream.url, &stream.name, "slow").await == (0, 0)
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(
+        report.duplicates, 0,
+        "delivered again while running: {report:?}"
+    );
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3);
+}

@@ -30,15 +30,18 @@ type Held = Arc<Mutex<HashMap<u64, async_nats::jetstream::Message>>>;
 pub(crate) struct NatsSubscription {
     nats: Nats,
     client: async_nats::Client,
-    messages: pull::Stream,
+    /// What the puller took from the server, in order.
+    incoming: mpsc::UnboundedReceiver<Pulled>,
+    puller: JoinHandle<()>,
     declaration: QueueDeclaration,
     subscribed: String,
     settler: Settler,
-    events: mpsc::UnboundedSender<SettleEvent>,
     acker: JoinHandle<()>,
-    held: Held,
-    next_tag: u64,
 }
+
+/// One item the puller took: a message (already held, with its tag), an
+/// error, or the end of the consumer.
+type Pulled = Option<std::result::Result<(u64, async_nats::jetstream::Message), String>>;
 
 impl std::fmt::Debug for NatsSubscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -137,25 +140,26 @@ impl NatsSubscription {
                 dead_letter_subject: dead_letter_subject.clone(),
                 durable: durable.clone(),
                 retry_wait: spec.consumer.retry_wait,
+                ack_wait: nats.timeout(),
                 failed: false,
             },
             events,
         ));
+        let (pulled, incoming) = mpsc::unbounded_channel();
+        let puller = tokio::spawn(pull(messages, held, settler.sender(), pulled));
         debug!(durable, subject = %filter, stream = %stream_name, "consuming JetStream");
         Ok(NatsSubscription {
             nats: nats.clone(),
             client,
-            messages,
+            incoming,
+            puller,
             declaration: QueueDeclaration {
                 queue: durable.clone(),
                 dead_letter_queue: dead_letter_subject,
             },
             subscribed: spec.destination.to_string(),
-            events: settler.sender(),
             settler,
             acker,
-            held,
-            next_tag: 0,
         })
     }
 
@@ -168,21 +172,12 @@ impl NatsSubscription {
     }
 
     pub(crate) async fn next(&mut self) -> Result<Delivery> {
-        match self.messages.next().await {
-            Some(Ok(message)) => {
-                self.next_tag += 1;
-                let tag = self.next_tag;
-                let _ = self.events.send(SettleEvent::Delivered(tag));
-                let delivery = self.delivery(tag, &message);
-                if let Ok(mut held) = self.held.lock() {
-                    held.insert(tag, message);
-                }
-                Ok(delivery)
-            }
+        match self.incoming.recv().await.flatten() {
+            Some(Ok((tag, message))) => Ok(self.delivery(tag, &message)),
             Some(Err(err)) => Err(Error::Broker {
                 operation: "consume",
                 endpoint: self.nats.endpoint(),
-                source: Box::new(err),
+                source: err.into(),
             }),
             None => Err(Error::BrokerTimeout {
                 operation: "consume (the server ended the consumer)",
@@ -220,18 +215,60 @@ impl NatsSubscription {
     pub(crate) async fn close(self) {
         // Stop pulling; what was pulled and not handed out comes again after
         // the ack wait.
-        drop(self.messages);
-        drop(self.events);
+        self.puller.abort();
+        let _ = self.puller.await;
+        drop(self.incoming);
         drop(self.settler);
         let _ = self.acker.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
     }
 }
 
+/// Take every message the server sends as soon as it arrives, so that all
+/// it counts as delivered and unacknowledged is held (and kept in progress
+/// by the acker), not waiting unseen in the client's buffer.
+async fn pull(
+    mut messages: pull::Stream,
+    held: Held,
+    events: mpsc::UnboundedSender<SettleEvent>,
+    pulled: mpsc::UnboundedSender<Pulled>,
+) {
+    let mut next_tag = 0;
+    loop {
+        let item = match messages.next().await {
+            Some(Ok(message)) => {
+                next_tag += 1;
+                let _ = events.send(SettleEvent::Delivered(next_tag));
+                if let Ok(mut held) = held.lock() {
+                    held.insert(next_tag, message.clone());
+                }
+                Some(Ok((next_tag, message)))
+            }
+            Some(Err(err)) => Some(Err(err.to_string())),
+            None => None,
+        };
+        let end = item.is_none();
+        if pulled.send(item).is_err() || end {
+            return;
+        }
+    }
+}
+
 async fn run_acker(mut acker: Acker, mut events: mpsc::UnboundedReceiver<SettleEvent>) {
-    while let Some(event) = events.recv().await {
-        if let SettleEvent::Settled(tag, settle) = event {
-            acker.settle(tag, settle).await;
+    // Messages held longer than the ack wait (a slow callback, a batch
+    // behind one) are marked in progress, three times per ack wait, so
+    // JetStream does not deliver them again meanwhile.
+    let mut progress = tokio::time::interval((acker.ack_wait / 3).max(Duration::from_millis(100)));
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    progress.tick().await;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(SettleEvent::Settled(tag, settle)) => acker.settle(tag, settle).await,
+                Some(_) => {}
+                None => break,
+            },
+            _ = progress.tick() => acker.in_progress().await,
         }
     }
 }
@@ -242,6 +279,8 @@ struct Acker {
     dead_letter_subject: String,
     durable: String,
     retry_wait: Duration,
+    /// The durable's ack wait.
+    ack_wait: Duration,
     /// Whether an ack already failed (logged once).
     failed: bool,
 }
@@ -267,6 +306,19 @@ impl Acker {
         {
             self.failed = true;
             warn!(error = %err, "could not ack/nak; JetStream will deliver those messages again and the duplicates are skipped");
+        }
+    }
+
+    /// Tell JetStream every held message is still being worked on.
+    async fn in_progress(&mut self) {
+        let held: Vec<async_nats::jetstream::Message> = match self.held.lock() {
+            Ok(held) => held.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for message in held {
+            if let Err(err) = message.ack_with(AckKind::Progress).await {
+                debug!(error = %err, "could not mark a message in progress");
+            }
         }
     }
 
