@@ -290,7 +290,7 @@ async fn dead_letters_can_be_listed_and_replayed() {
     command.args(["dlq", "replay", &rk]);
     let (ok, stdout, stderr) = run(command).await;
     assert!(
-        ok && stdout.contains("replayed 5 message(s)"),
+        ok && stdout.contains("replayed 5 dead letter(s)"),
         "{stdout} {stderr}"
     );
     eventually(
