@@ -765,21 +765,13 @@ impl Proc {
         }
     }
 
-    /// Send `signal` and wait (bounded) for the exit. SIGINT is sent again
-    /// every 5 s: django-outbox-pattern's publisher can outlive one (a CI
-    /// run saw it still there 120 s later; an interrupt inside its database
-    /// or STOMP calls is not always its KeyboardInterrupt exit).
+    /// Send `signal` and wait (bounded) for the exit.
     async fn stop(&mut self, signal: &str) -> ExitStatus {
         self.signal(signal);
-        let mut asked = tokio::time::Instant::now();
-        let deadline = asked + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
-            }
-            if signal == "INT" && asked.elapsed() >= Duration::from_secs(5) {
-                self.signal(signal);
-                asked = tokio::time::Instant::now();
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
