@@ -626,18 +626,20 @@ async fn bulk_acks_never_cover_a_message_in_flight() {
             )
             .await;
     }
-    eventually(Duration::from_secs(10), "the fast ones saved", || async {
+    // Generous limits: each look at the queue is a rabbitmqctl run, seconds
+    // long on a busy machine.
+    eventually(Duration::from_secs(60), "the fast ones saved", || async {
         received_count(&t.db).await == 3
     })
     .await;
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         "only the slow one unacknowledged",
         || async { unacked(&rk).await == 1 },
     )
     .await;
     release.notify_one();
-    eventually(Duration::from_secs(10), "all acked", || async {
+    eventually(Duration::from_secs(60), "all acked", || async {
         unacked(&rk).await == 0 && received_count(&t.db).await == 4
     })
     .await;
