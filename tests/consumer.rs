@@ -66,9 +66,11 @@ async fn cleanup(broker: &TestBroker, queue: &str) {
     broker.delete_queue(&format!("DLQ.{queue}")).await;
 }
 
-/// Wait until the consumer declared its queue.
+/// Wait until the consumer is attached to its queue. The queue alone is not
+/// enough: it is bound after it is declared, and a message sent in between
+/// is unroutable and dropped. The consumer attaches after the binding.
 async fn declared(broker: &TestBroker, queue: &str) {
-    eventually(Duration::from_secs(10), "queue declared", || async {
+    eventually(Duration::from_secs(10), "consumer attached", || async {
         // A refused passive declare closes its channel: use a new one each time.
         let channel = broker.connection.create_channel().await.unwrap();
         channel
@@ -81,7 +83,7 @@ async fn declared(broker: &TestBroker, queue: &str) {
                 lapin::types::FieldTable::default(),
             )
             .await
-            .is_ok()
+            .is_ok_and(|declared| declared.consumer_count() > 0)
     })
     .await;
 }
