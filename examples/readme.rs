@@ -21,8 +21,14 @@ pub mod orders {
 // "Consuming": a callback and the service's `main`.
 include!("readme/02_consume.rs");
 
+// "Group commit": a batch callback (its own module: it imports `callback` too).
+pub mod batch {
+    use super::*;
+    include!("readme/03_batch.rs");
+}
+
 // "Testing a service without a broker".
-include!("readme/03_without_a_broker.rs");
+include!("readme/04_without_a_broker.rs");
 
 /// The event the callback reads.
 #[derive(Debug, serde::Deserialize)]

@@ -13,7 +13,8 @@ use common::amqp::TestBroker;
 use common::{Backend, TestDb, eventually, received_count, settings};
 use outbox_core::entity::received;
 use outbox_core::{
-    Consumer, ConsumerReport, Payload, Settings, ShutdownTrigger, headers, shutdown_channel,
+    Batch, BatchResult, Consumer, ConsumerReport, Handler, Payload, Settings, ShutdownTrigger,
+    callback, find_callback, headers, shutdown_channel,
 };
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, Statement, Value};
 use tokio::task::JoinHandle;
@@ -33,6 +34,8 @@ on_every_backend!(
     shutdown_mid_batch_finishes_the_batch,
     shutdown_timeout_mid_batch_gives_the_whole_batch_back,
     a_constraint_violation_rolls_back_its_received_row,
+    a_batch_callback_writes_set_based_and_nacks_one,
+    a_failing_batch_callback_runs_each_message_alone,
 );
 
 mod killed {
@@ -554,4 +557,229 @@ async fn a_batch_is_one_transaction() {
         assert_eq!(xmins, expected as i64, "batch_size {batch}");
         s.cleanup().await;
     }
+}
+
+/// Every key in one statement: what a batch callback is for.
+async fn notes_at_once(conn: &impl ConnectionTrait, keys: &[String]) -> Result<(), sea_orm::DbErr> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let backend = conn.get_database_backend();
+    let places: Vec<String> = (1..=keys.len())
+        .map(|i| match backend {
+            DbBackend::Postgres => format!("(${i})"),
+            _ => "(?)".to_owned(),
+        })
+        .collect();
+    conn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        format!("INSERT INTO notes (k) VALUES {}", places.join(", ")),
+        keys.iter().map(|k| Value::from(k.clone())),
+    ))
+    .await
+    .map(|_| ())
+}
+
+/// A batch callback gets the batch's 20 new messages in one call, writes
+/// their rows in one statement, nacks one: that one goes to `DLQ.<queue>`
+/// with nothing of it stored, the 19 others are saved once with their rows.
+/// A later delivery of a saved id is acked without reaching the callback.
+async fn a_batch_callback_writes_set_based_and_nacks_one(backend: Backend) {
+    let s = Setup::new(backend).await;
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let callback = {
+        let sizes = Arc::clone(&sizes);
+        move |batch: Batch| {
+            let sizes = Arc::clone(&sizes);
+            async move {
+                sizes.lock().unwrap().push(batch.len());
+                let txn = batch.begin().await?;
+                let mut keys = Vec::new();
+                for payload in batch.payloads() {
+                    let id = payload.msg_id().unwrap().to_owned();
+                    if id == "m07" {
+                        batch.nack(payload, "m07 is refused")?;
+                    } else {
+                        keys.push(id);
+                    }
+                }
+                notes_at_once(&txn, &keys).await?;
+                Ok(batch.save(txn).await?)
+            }
+        }
+    };
+    let consumer = Consumer::new(
+        s.t.db.clone(),
+        s.settings(20),
+        &s.destination,
+        None,
+        Handler::batch(callback),
+    )
+    .unwrap();
+    consumer.declare().await.unwrap();
+    let all = ids(20);
+    s.send(&refs(&all)).await;
+    let running = s.start(consumer);
+    eventually(Duration::from_secs(20), "queue drained", || async {
+        s.broker.message_count(&s.rk).await == 0 && received_count(&s.t.db).await == 19
+    })
+    .await;
+    s.send(&["m01"]).await;
+    eventually(Duration::from_secs(20), "the repeat acked", || async {
+        s.broker.message_count(&s.rk).await == 0
+    })
+    .await;
+    let report = running.stop().await;
+    let good: BTreeSet<String> = all.iter().filter(|id| *id != "m07").cloned().collect();
+    assert_eq!(
+        s.received_ids().await,
+        good,
+        "the nacked one left no received row"
+    );
+    assert_eq!(s.notes().await, good);
+    assert_eq!(s.dead_letters(1).await, BTreeSet::from(["m07".to_owned()]));
+    assert_eq!(
+        (report.saved, report.dead_lettered, report.duplicates),
+        (19, 1, 1),
+        "{report:?}"
+    );
+    assert_eq!(
+        *sizes.lock().unwrap(),
+        [20],
+        "one call for the batch, none for the repeat"
+    );
+    s.cleanup().await;
+}
+
+/// A batch callback that fails (a constraint its set-based write violates)
+/// or panics because of one message rolls the batch back; each message then
+/// runs in a batch of its own, where only the culprits fail: m03 (its key is
+/// taken) and m05 (it panics) go to `DLQ.<queue>`, the 8 others are saved.
+async fn a_failing_batch_callback_runs_each_message_alone(backend: Backend) {
+    let s = Setup::new(backend).await;
+    note(&s.t.db, "m03").await.unwrap();
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let callback = {
+        let sizes = Arc::clone(&sizes);
+        move |batch: Batch| {
+            let sizes = Arc::clone(&sizes);
+            async move {
+                sizes.lock().unwrap().push(batch.len());
+                let txn = batch.begin().await?;
+                let keys: Vec<String> = batch
+                    .payloads()
+                    .iter()
+                    .map(|p| p.msg_id().unwrap().to_owned())
+                    .collect();
+                notes_at_once(&txn, &keys).await?;
+                assert!(!keys.contains(&"m05".to_owned()), "m05 breaks the callback");
+                Ok(batch.save(txn).await?)
+            }
+        }
+    };
+    let consumer = Consumer::new(
+        s.t.db.clone(),
+        s.settings(10),
+        &s.destination,
+        None,
+        Handler::batch(callback),
+    )
+    .unwrap();
+    consumer.declare().await.unwrap();
+    let all = ids(10);
+    s.send(&refs(&all)).await;
+    let running = s.start(consumer);
+    eventually(Duration::from_secs(20), "queue drained", || async {
+        s.broker.message_count(&s.rk).await == 0 && received_count(&s.t.db).await == 8
+    })
+    .await;
+    let report = running.stop().await;
+    let good: BTreeSet<String> = all
+        .iter()
+        .filter(|id| *id != "m03" && *id != "m05")
+        .cloned()
+        .collect();
+    assert_eq!(s.received_ids().await, good);
+    let mut notes = good.clone();
+    notes.insert("m03".to_owned()); // written before the test
+    assert_eq!(
+        s.notes().await,
+        notes,
+        "the failed runs' writes rolled back"
+    );
+    assert_eq!(
+        s.dead_letters(2).await,
+        BTreeSet::from(["m03".to_owned(), "m05".to_owned()])
+    );
+    assert_eq!(
+        (report.saved, report.dead_lettered, report.requeued),
+        (8, 2, 0),
+        "{report:?}"
+    );
+    let mut sizes = sizes.lock().unwrap().clone();
+    sizes.sort_unstable();
+    assert_eq!(
+        sizes,
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 10],
+        "the batch, then each alone"
+    );
+    s.cleanup().await;
+}
+
+/// What `#[callback(batch)]` registers: every message of the batch noted.
+#[callback(batch)]
+pub async fn note_every_one(batch: Batch) -> BatchResult {
+    let txn = batch.begin().await?;
+    let keys: Vec<String> = batch
+        .payloads()
+        .iter()
+        .filter_map(|p| p.msg_id().map(str::to_owned))
+        .collect();
+    notes_at_once(&txn, &keys).await?;
+    Ok(batch.save(txn).await?)
+}
+
+/// `#[callback(batch)]` is found by its path, like `outbox-cli subscribe`
+/// finds it, and runs per batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registered_batch_callback_runs_per_batch() {
+    let s = Setup::new(Backend::Postgres).await;
+    let handler = find_callback("group_commit::note_every_one").unwrap();
+    assert!(matches!(handler, Handler::Batch(_)), "{handler:?}");
+    let consumer = Consumer::new(
+        s.t.db.clone(),
+        s.settings(10),
+        &s.destination,
+        None,
+        handler,
+    )
+    .unwrap();
+    consumer.declare().await.unwrap();
+    let all = ids(10);
+    s.send(&refs(&all)).await;
+    let running = s.start(consumer);
+    eventually(Duration::from_secs(20), "all ten saved", || async {
+        received_count(&s.t.db).await == 10
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(report.saved, 10, "{report:?}");
+    assert_eq!(
+        s.notes().await,
+        all.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    // one transaction: all ten rows carry one xmin
+    let xmins: i64 =
+        s.t.db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT count(DISTINCT xmin::text)::bigint AS n FROM notes",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "n")
+            .unwrap();
+    assert_eq!(xmins, 1);
+    s.cleanup().await;
 }

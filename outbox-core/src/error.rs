@@ -202,11 +202,18 @@ pub enum Error {
         source: sea_orm::DbErr,
     },
 
-    /// [`Payload::save`](crate::Payload::save) was given the transaction of another payload.
+    /// [`Payload::save`](crate::Payload::save) or [`Batch::save`](crate::Batch::save)
+    /// was given a transaction begun by another payload or batch.
     #[error(
-        "the transaction passed to `Payload::save` was begun by another payload; save each payload with the transaction its own `begin` returned"
+        "the transaction passed to `save` was begun by another payload or batch; save with the transaction your own `begin` returned"
     )]
     ForeignTransaction,
+
+    /// [`Batch::nack`](crate::Batch::nack) was given a payload of another batch.
+    #[error(
+        "the payload passed to `Batch::nack` is not one of this batch's; nack only payloads from `Batch::payloads`"
+    )]
+    NotInBatch,
 
     /// A callback used its transaction after the message was decided.
     #[error(

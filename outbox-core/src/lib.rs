@@ -80,8 +80,9 @@ pub use broker::{Broker, Envelope, QueueDeclaration, Transport};
 pub use clock::Clock;
 pub use connect::connect;
 pub use consumer::{
-    Callback, CallbackFuture, CallbackResult, Consumer, ConsumerReport, Handled, MAX_MSG_ID_LEN,
-    Payload, Transaction, find_callback, registered_callbacks,
+    Batch, BatchCallback, BatchHandled, BatchResult, Callback, CallbackFuture, CallbackResult,
+    Consumer, ConsumerReport, Handled, Handler, MAX_MSG_ID_LEN, Payload, Transaction,
+    find_callback, registered_callbacks,
 };
 pub use correlation::{correlation_id, with_correlation_id};
 pub use destination::{Destination, Kind as DestinationKind, MAX_DESTINATION_LEN};
@@ -113,7 +114,7 @@ extern crate self as outbox_core;
 /// Not public API: what generated code refers to.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::consumer::{CallbackEntry, CallbackFuture};
+    pub use crate::consumer::{BatchFuture, CallbackEntry, CallbackFuture};
     pub use crate::encode::{Encoder, ViaBodyValue, ViaSerialize};
     pub use crate::publish::emit_for_hook;
     pub use inventory;

@@ -1,4 +1,5 @@
-//! `#[callback]`: register an async fn under its full path.
+//! `#[callback]` and `#[callback(batch)]`: register an async fn under its
+//! full path, as a per-message or a per-batch callback.
 
 use proc_macro2::TokenStream;
 use quote::{format_ident, quote};
@@ -6,23 +7,33 @@ use syn::ItemFn;
 
 pub(crate) fn expand(args: TokenStream, item: ItemFn) -> TokenStream {
     match check(&args, &item) {
-        Ok(()) => {
+        Ok(kind) => {
             let ident = &item.sig.ident;
             let name = ident.to_string();
             let shim = format_ident!("__outbox_callback_{}", ident);
+            let (input, future, entry) = match kind {
+                Kind::Message => (
+                    quote!(::outbox_core::Payload),
+                    quote!(::outbox_core::__private::CallbackFuture),
+                    quote!(new),
+                ),
+                Kind::Batch => (
+                    quote!(::outbox_core::Batch),
+                    quote!(::outbox_core::__private::BatchFuture),
+                    quote!(batch),
+                ),
+            };
             quote! {
                 #item
 
                 #[doc(hidden)]
                 #[allow(non_snake_case)]
-                fn #shim(
-                    payload: ::outbox_core::Payload,
-                ) -> ::outbox_core::__private::CallbackFuture {
-                    ::std::boxed::Box::pin(#ident(payload))
+                fn #shim(input: #input) -> #future {
+                    ::std::boxed::Box::pin(#ident(input))
                 }
 
                 ::outbox_core::__private::inventory::submit! {
-                    ::outbox_core::__private::CallbackEntry::new(
+                    ::outbox_core::__private::CallbackEntry::#entry(
                         ::core::concat!(::core::module_path!(), "::", #name),
                         #shim,
                     )
@@ -37,24 +48,44 @@ pub(crate) fn expand(args: TokenStream, item: ItemFn) -> TokenStream {
     }
 }
 
-fn check(args: &TokenStream, item: &ItemFn) -> syn::Result<()> {
-    if !args.is_empty() {
-        return Err(syn::Error::new_spanned(
-            args,
-            "#[callback] takes no arguments; the callback is registered under its full path",
-        ));
-    }
+enum Kind {
+    Message,
+    Batch,
+}
+
+fn check(args: &TokenStream, item: &ItemFn) -> syn::Result<Kind> {
+    let kind = if args.is_empty() {
+        Kind::Message
+    } else {
+        match syn::parse2::<syn::Ident>(args.clone()) {
+            Ok(word) if word == "batch" => Kind::Batch,
+            _ => {
+                return Err(syn::Error::new_spanned(
+                    args,
+                    "#[callback] takes no arguments, or `batch` (`#[callback(batch)]`) for a callback that gets a whole `Batch`; it is registered under its full path",
+                ));
+            }
+        }
+    };
+    let signature = match kind {
+        Kind::Message => "`async fn(payload: Payload) -> CallbackResult`",
+        Kind::Batch => "`async fn(batch: Batch) -> BatchResult`",
+    };
     if item.sig.asyncness.is_none() {
         return Err(syn::Error::new_spanned(
             item.sig.fn_token,
-            "#[callback] needs an `async fn(payload: Payload) -> CallbackResult`",
+            format!("#[callback] needs an {signature}"),
         ));
     }
     if item.sig.inputs.len() != 1 || !item.sig.generics.params.is_empty() {
+        let what = match kind {
+            Kind::Message => "the `Payload`",
+            Kind::Batch => "the `Batch`",
+        };
         return Err(syn::Error::new_spanned(
             &item.sig.inputs,
-            "#[callback] needs exactly one argument, the `Payload`: `async fn(payload: Payload) -> CallbackResult`",
+            format!("#[callback] needs exactly one argument, {what}: {signature}"),
         ));
     }
-    Ok(())
+    Ok(kind)
 }

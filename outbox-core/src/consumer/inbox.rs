@@ -6,7 +6,9 @@
 use std::collections::HashSet;
 
 use sea_orm::sea_query::{OnConflict, Query};
-use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel, QueryTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel, QueryFilter, QueryTrait,
+};
 use uuid::Uuid;
 
 use crate::Result;
@@ -90,4 +92,13 @@ async fn insert_chunk(
         .iter()
         .map(|row| Ok(row.try_get::<Uuid>("", "id")?))
         .collect()
+}
+
+/// Take the rows `ids` out again (messages a batch callback nacked).
+pub(super) async fn delete(conn: &impl ConnectionTrait, ids: Vec<Uuid>) -> Result<()> {
+    received::Entity::delete_many()
+        .filter(received::Column::Id.is_in(ids))
+        .exec(conn)
+        .await?;
+    Ok(())
 }

@@ -6,12 +6,16 @@
 //! message and the database.
 
 mod batch;
+mod batch_callback;
 mod callback;
 mod inbox;
 mod payload;
 
-pub use callback::CallbackEntry;
-pub use callback::{Callback, CallbackFuture, CallbackResult, find_callback, registered_callbacks};
+pub use batch_callback::{Batch, BatchHandled, BatchResult};
+pub use callback::{
+    BatchCallback, BatchFuture, Callback, CallbackEntry, CallbackFuture, CallbackResult, Handler,
+    find_callback, registered_callbacks,
+};
 pub use payload::{Handled, Payload, Transaction};
 
 use std::collections::BTreeMap;
@@ -77,7 +81,7 @@ impl std::fmt::Debug for Consumer {
 struct Shared {
     db: DatabaseConnection,
     settings: Settings,
-    callback: Box<dyn Callback>,
+    handler: Handler,
     metrics: Arc<Metrics>,
     retention: Arc<Retention>,
     next_token: AtomicU64,
@@ -98,13 +102,14 @@ struct Counters {
 
 impl Consumer {
     /// Consume `destination` from `queue` (default: the text after the last
-    /// `/` of the destination) with `callback`.
+    /// `/` of the destination) with `callback`: any [`Callback`] (run per
+    /// message), or [`Handler::batch`] of a [`BatchCallback`] (run per batch).
     pub fn new(
         db: DatabaseConnection,
         settings: Settings,
         destination: &str,
         queue: Option<&str>,
-        callback: impl Callback,
+        callback: impl Into<Handler>,
     ) -> Result<Consumer> {
         let destination = Destination::parse(destination)?;
         let queue = queue.filter(|q| !q.is_empty());
@@ -129,7 +134,7 @@ impl Consumer {
                 retention: Arc::new(Retention::new(settings.retention.clone())),
                 db,
                 settings,
-                callback: Box::new(callback),
+                handler: callback.into(),
                 metrics: Arc::new(Metrics::default()),
                 next_token: AtomicU64::new(1),
                 report: Counters::default(),
@@ -415,7 +420,7 @@ fn payload(
         correlation_id.to_owned(),
         shared.db.clone(),
         batch,
-        shared.next_token.fetch_add(1, Ordering::Relaxed),
+        shared.token(),
     );
     if let Some(err) = payload.body_error() {
         debug!(
@@ -425,6 +430,13 @@ fn payload(
         );
     }
     payload
+}
+
+impl Shared {
+    /// A new payload's or batch's token: what ties a decision to it.
+    fn token(&self) -> u64 {
+        self.next_token.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// What one run of a callback came to.
@@ -443,11 +455,13 @@ async fn call(
     correlation_id: &str,
     msg_id: Option<&str>,
 ) -> Ran {
+    let Handler::Message(callback) = &shared.handler else {
+        return Ran::Failed("a message reached a batch callback alone".to_owned());
+    };
     let id = msg_id.unwrap_or("<none>");
     let token = payload.token();
     // The call itself inside the future: a closure that panics before
     // returning its future is caught like one that panics later.
-    let callback = &shared.callback;
     let run = with_correlation_id(correlation_id.to_owned(), async move {
         callback.call(payload).await
     });
@@ -457,17 +471,47 @@ async fn call(
             error!(msg_id = %id, "the callback returned the decision of another message; rejecting");
             Ran::Failed("callback returned a decision made for another payload".to_owned())
         }
-        Ok(Err(err)) if is_transient(err.as_ref()) => Ran::Transient(report(err.as_ref())),
-        Ok(Err(err)) => Ran::Failed(format!("callback failed: {}", report(err.as_ref()))),
-        Err(panic) => {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic".to_owned());
-            Ran::Failed(format!("callback panicked: {text}"))
-        }
+        Ok(result) => ran_err(result.err()),
+        Err(panic) => panicked(panic),
     }
+}
+
+/// Run the batch callback on `batch` under `correlation_id`, catching
+/// panics. `Decided(Saved)` means it saved; its nacks are in the batch.
+async fn call_batch(shared: &Shared, batch: Batch, correlation_id: &str) -> Ran {
+    let Handler::Batch(callback) = &shared.handler else {
+        return Ran::Failed("a batch reached a per-message callback".to_owned());
+    };
+    let token = batch.token();
+    let run = with_correlation_id(correlation_id.to_owned(), async move {
+        callback.call(batch).await
+    });
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(Ok(handled)) if handled.token == token => Ran::Decided(Decision::Saved),
+        Ok(Ok(_)) => {
+            error!("the batch callback returned the decision of another batch; rejecting");
+            Ran::Failed("batch callback returned a decision made for another batch".to_owned())
+        }
+        Ok(result) => ran_err(result.err()),
+        Err(panic) => panicked(panic),
+    }
+}
+
+fn ran_err(err: Option<crate::BoxError>) -> Ran {
+    match err {
+        Some(err) if is_transient(err.as_ref()) => Ran::Transient(report(err.as_ref())),
+        Some(err) => Ran::Failed(format!("callback failed: {}", report(err.as_ref()))),
+        None => Ran::Failed("callback failed".to_owned()),
+    }
+}
+
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> Ran {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_owned());
+    Ran::Failed(format!("callback panicked: {text}"))
 }
 
 /// One message in a transaction of its own, with retries after transient
@@ -491,8 +535,15 @@ async fn alone(
             attempt += 1;
             retry_wait(settings.retry_wait, attempt, &id, text).await;
         }
-        let payload = payload(shared, &delivery, &msg_id, &correlation_id, None);
-        match call(shared, payload, &correlation_id, msg_id.as_deref()).await {
+        let ran = match &shared.handler {
+            Handler::Message(_) => {
+                let payload = payload(shared, &delivery, &msg_id, &correlation_id, None);
+                call(shared, payload, &correlation_id, msg_id.as_deref()).await
+            }
+            // A batch callback sees the message as a batch of one.
+            Handler::Batch(_) => batch::one(shared, &delivery, &msg_id, &correlation_id).await,
+        };
+        match ran {
             Ran::Decided(decision) => return decision,
             Ran::Transient(text) => failed = Some(text),
             Ran::Failed(text) => return failure(&id, text),

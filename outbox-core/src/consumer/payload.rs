@@ -298,6 +298,24 @@ enum Conn {
 }
 
 impl Transaction {
+    /// A handle on the batch's transaction, for the callback holding `token`.
+    pub(super) fn in_batch(shared: Arc<BatchTxn>, token: u64) -> Transaction {
+        Transaction {
+            conn: Some(Conn::Batch(shared)),
+            token,
+        }
+    }
+
+    pub(super) fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// End the handle without abandoning the batch (it commits later);
+    /// `false` if it was not a handle on a batch's live transaction.
+    pub(super) fn release(&mut self) -> bool {
+        matches!(self.conn.take(), Some(Conn::Batch(_)))
+    }
+
     /// Roll back explicitly (dropping it also rolls back, later).
     pub async fn rollback(mut self) -> Result<()> {
         match self.conn.take() {
