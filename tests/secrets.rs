@@ -233,10 +233,8 @@ struct Bad {
 async fn bad_input_gives_one_clear_line_without_the_password() {
     let t = TestDb::new(Backend::Postgres).await;
     let database = with_marker(&t.url);
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let closed = common::ClosedPort::bind();
+    let closed_port = closed.port;
     let unmigrated = TestDb::new(Backend::Postgres).await;
     unmigrated
         .db

@@ -442,3 +442,28 @@ pub async fn insert_raw_row(
         .await
         .expect("insert a row by SQL");
 }
+
+/// A loopback port where nothing answers, for as long as this lives. The
+/// socket is bound but never listens: a connection to it is refused at
+/// once, and no other process can take the port meanwhile (a port merely
+/// found free and let go was once taken by rabbitmqctl's Erlang node, which
+/// accepted the test's AMQP connection and said nothing).
+#[derive(Debug)]
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn bind() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("bind a loopback port");
+        let port = socket.local_addr().expect("its address").port();
+        ClosedPort {
+            _socket: socket,
+            port,
+        }
+    }
+}
