@@ -552,6 +552,83 @@ async fn the_consumer_saves_once_acks_and_dead_letters() {
     assert!(why.contains("bad order"), "{why}");
 }
 
+/// Group commit over JetStream with a batch callback: called once per batch
+/// of several messages, it nacks the bad one (→ `DLQ.<stream>.<durable>`,
+/// no `received` row) and saves the others in the batch's one transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_callback_runs_per_batch_over_jetstream() {
+    let t = TestDb::new(Backend::Postgres).await;
+    let mut settings = settings(&t.url);
+    let stream = TestStream::create(&nats_url(), &mut settings).await;
+    settings.consumer.batch_size = 50;
+    settings.consumer.batch_wait = Duration::from_millis(200);
+    let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = sizes.clone();
+    let callback = move |batch: outbox_core::Batch| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(batch.len());
+            let txn = batch.begin().await?;
+            for payload in batch.payloads() {
+                if payload.body()["bad"] == true {
+                    batch.nack(payload, "bad order")?;
+                }
+            }
+            Ok(batch.save(txn).await?)
+        }
+    };
+    let consumer = outbox_core::Consumer::new(
+        t.db.clone(),
+        settings.clone(),
+        "/topic/orders.created",
+        Some("batched"),
+        outbox_core::Handler::batch(callback),
+    )
+    .unwrap();
+    consumer.declare().await.unwrap();
+    let running = Running::start(consumer);
+    write_messages(&t.db, "/topic/orders.created", 199).await;
+    let bad = outbox_core::write(
+        &t.db,
+        outbox_core::Message::new("/topic/orders.created", serde_json::json!({"bad": true}))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "everything acked", || async {
+        durable_backlog(&stream.url, &stream.name, "batched").await == (0, 0)
+    })
+    .await;
+    let report = running.stop().await;
+    assert_eq!(common::received_count(&t.db).await, 199);
+    assert_eq!((report.saved, report.dead_lettered), (199, 1), "{report:?}");
+    let sizes = sizes.lock().unwrap().clone();
+    assert_eq!(
+        sizes.iter().sum::<usize>(),
+        200,
+        "each message in one call: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().any(|size| *size > 1),
+        "calls took batches, not single messages: {sizes:?}"
+    );
+    let dead = async_nats::jetstream::new(async_nats::connect(&stream.url).await.unwrap())
+        .get_stream(format!("{}_DLQ", stream.name))
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&format!("DLQ.{}.batched", stream.name))
+        .await
+        .unwrap();
+    assert_eq!(
+        dead.headers.get("dop-msg-id").map(|v| v.as_str()),
+        Some(bad.id.to_string().as_str())
+    );
+}
+
 /// The server killed (-9) and restarted while the consumer works: every
 /// message is consumed, each stored once.
 #[tokio::test(flavor = "multi_thread")]
@@ -767,6 +844,74 @@ async fn tls_with_a_private_ca_and_an_nkey_user() {
     let said = refused(stranger).await;
     assert!(said.contains("nats.nkey_seed_file"), "{said}");
     assert!(!said.contains(&seed) && !said.contains(&other), "{said}");
+}
+
+/// Decentralised auth, as `nsc` sets it up: a server trusting an operator
+/// (memory resolver with one account allowed JetStream) and a `.creds` file
+/// holding a user JWT and its seed: `ensure_stream` and the drain both
+/// authenticate with `nats.credentials_file` alone. A user
+/// of an account the server does not know, and a file that is no `.creds`,
+/// stop it with the setting named and no seed in what it says.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_creds_file_with_a_user_jwt_authenticates() {
+    let operator = common::nats::Operator::new();
+    let server = PrivateNats::start_with_config(|_| operator.server_config()).await;
+    let (creds, seed) = operator.user_creds();
+    std::fs::write(server.dir().join("user.creds"), &creds).unwrap();
+    let t = TestDb::new(Backend::Sqlite).await;
+    let mut settings = settings(&t.url);
+    settings.broker.url = server.url();
+    settings.nats.credentials_file = Some(server.dir().join("user.creds"));
+    settings.nats.stream = "CREDS".to_owned();
+    settings.nats.subject_prefix = "creds".to_owned();
+    let (change, _) = outbox_core::ensure_stream(&settings).await.unwrap();
+    assert_eq!(change, outbox_core::StreamChange::Created);
+    write_messages(&t.db, "/topic/orders", 10).await;
+    let report = Relay::new(t.db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(report.published, 10);
+    assert_eq!(
+        outbox_core::stream_info(&settings)
+            .await
+            .unwrap()
+            .unwrap()
+            .messages,
+        10
+    );
+
+    write_messages(&t.db, "/topic/orders", 1).await;
+    let (foreign, foreign_seed) = operator.stranger_creds();
+    std::fs::write(server.dir().join("stranger.creds"), &foreign).unwrap();
+    let mut stranger = settings.clone();
+    stranger.nats.credentials_file = Some(server.dir().join("stranger.creds"));
+    let err = Relay::new(t.db.clone(), stranger)
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap_err();
+    let said = outbox_core::report(&err);
+    assert!(
+        matches!(err, outbox_core::Error::BrokerRefused { .. }),
+        "{said}"
+    );
+    assert!(said.contains("nats.credentials_file"), "{said}");
+    assert!(
+        !said.contains(&seed) && !said.contains(&foreign_seed),
+        "{said}"
+    );
+
+    // The seed alone, where the JWT and seed should be.
+    std::fs::write(server.dir().join("seed-only.creds"), &seed).unwrap();
+    let mut mistaken = settings.clone();
+    mistaken.nats.credentials_file = Some(server.dir().join("seed-only.creds"));
+    let err = Relay::new(t.db.clone(), mistaken)
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap_err();
+    let said = outbox_core::report(&err);
+    assert!(said.contains("nats.credentials_file"), "{said}");
+    assert!(!said.contains(&seed), "{said}");
 }
 
 /// A callback slower than the durable's ack wait (2 s here) is not

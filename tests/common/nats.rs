@@ -286,3 +286,144 @@ impl Drop for PrivateNats {
         }
     }
 }
+
+/// NATS's decentralised auth, made by hand the way `nsc` would: an
+/// operator, one account (JetStream allowed) and its users, each a JWT
+/// signed with its issuer's NKey. Server mode: `operator` + a memory
+/// resolver preloaded with the account.
+pub struct Operator {
+    operator_jwt: String,
+    /// JetStream needs a system account to start in operator mode.
+    system: nkeys::KeyPair,
+    system_jwt: String,
+    account: nkeys::KeyPair,
+    account_jwt: String,
+}
+
+impl Operator {
+    pub fn new() -> Operator {
+        let operator = nkeys::KeyPair::new_operator();
+        let operator_jwt = jwt(
+            &operator,
+            &operator.public_key(),
+            "test operator",
+            serde_json::json!({ "type": "operator", "version": 2 }),
+        );
+        let account = nkeys::KeyPair::new_account();
+        let account_jwt = jwt(
+            &operator,
+            &account.public_key(),
+            "test account",
+            serde_json::json!({
+                "type": "account",
+                "version": 2,
+                "limits": {
+                    "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                    "wildcards": true, "conn": -1, "leaf": -1,
+                    "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+                }
+            }),
+        );
+        let system = nkeys::KeyPair::new_account();
+        let system_jwt = jwt(
+            &operator,
+            &system.public_key(),
+            "SYS",
+            serde_json::json!({ "type": "account", "version": 2 }),
+        );
+        Operator {
+            operator_jwt,
+            system,
+            system_jwt,
+            account,
+            account_jwt,
+        }
+    }
+
+    /// The server configuration that trusts this operator and knows its account.
+    pub fn server_config(&self) -> String {
+        format!(
+            "operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {}: \"{}\"\n  {}: \"{}\"\n}}\n",
+            self.operator_jwt,
+            self.system.public_key(),
+            self.system.public_key(),
+            self.system_jwt,
+            self.account.public_key(),
+            self.account_jwt
+        )
+    }
+
+    /// A `.creds` file's text for a new user of this account, and its seed.
+    pub fn user_creds(&self) -> (String, String) {
+        creds(&self.account)
+    }
+
+    /// A user signed by an account this server has never heard of.
+    pub fn stranger_creds(&self) -> (String, String) {
+        creds(&nkeys::KeyPair::new_account())
+    }
+}
+
+impl Default for Operator {
+    fn default() -> Self {
+        Operator::new()
+    }
+}
+
+fn creds(account: &nkeys::KeyPair) -> (String, String) {
+    let user = nkeys::KeyPair::new_user();
+    let token = jwt(
+        account,
+        &user.public_key(),
+        "test user",
+        serde_json::json!({
+            "type": "user", "version": 2,
+            "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1
+        }),
+    );
+    let seed = user.seed().expect("user seed");
+    let text = format!(
+        "-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    );
+    (text, seed)
+}
+
+/// A NATS JWT: `header.claims.signature`, base64url without padding,
+/// signed with the issuer's ed25519 NKey.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    let header = serde_json::json!({ "typ": "JWT", "alg": "ed25519-nkey" });
+    let claims = serde_json::json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": chrono::Utc::now().timestamp(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        base64url(header.to_string().as_bytes()),
+        base64url(claims.to_string().as_bytes())
+    );
+    let signature = issuer.sign(signed.as_bytes()).expect("sign a JWT");
+    format!("{signed}.{}", base64url(&signature))
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
