@@ -446,8 +446,9 @@ pub async fn insert_raw_row(
 /// A loopback port where nothing answers, for as long as this lives. The
 /// socket is bound but never listens: a connection to it is refused at
 /// once, and no other process can take the port meanwhile (a port merely
-/// found free and let go was once taken by rabbitmqctl's Erlang node, which
-/// accepted the test's AMQP connection and said nothing).
+/// found free and let go was once taken by some listener, likely the
+/// Erlang node of a concurrent rabbitmqctl, that accepted the test's AMQP
+/// connection and said nothing).
 #[derive(Debug)]
 pub struct ClosedPort {
     _socket: tokio::net::TcpSocket,
