@@ -680,6 +680,35 @@ async fn a_server_restart_mid_consume_consumes_everything_once() {
     );
 }
 
+/// The first drain through an authenticated connection: `ensure_stream`
+/// creates the stream, ten rows are relayed, the stream holds ten.
+async fn creates_the_stream_and_relays_ten(db: &sea_orm::DatabaseConnection, settings: &Settings) {
+    let (change, _) = outbox_core::ensure_stream(settings).await.unwrap();
+    assert_eq!(change, outbox_core::StreamChange::Created);
+    write_messages(db, "/topic/orders", 10).await;
+    let report = Relay::new(db.clone(), settings.clone())
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(report.published, 10);
+    let stream = outbox_core::stream_info(settings).await.unwrap().unwrap();
+    assert_eq!(stream.messages, 10);
+}
+
+/// A relay the server refuses: it stops with `BrokerRefused`; what it says.
+async fn refused(db: &sea_orm::DatabaseConnection, settings: Settings) -> String {
+    let err = Relay::new(db.clone(), settings)
+        .run_until_empty(Shutdown::never())
+        .await
+        .unwrap_err();
+    let said = outbox_core::report(&err);
+    assert!(
+        matches!(err, outbox_core::Error::BrokerRefused { .. }),
+        "{said}"
+    );
+    said
+}
+
 /// `nats://user:password@host` authenticates (async-nats itself ignores
 /// credentials in the URL); a wrong password stops the relay with the fix,
 /// and neither password appears in what it says.
@@ -692,28 +721,11 @@ async fn credentials_in_the_url_work_and_a_wrong_password_is_refused_with_the_fi
     settings.broker.url = format!("nats://app:{PASSWORD}@127.0.0.1:{}", server.port);
     settings.nats.stream = "AUTH".to_owned();
     settings.nats.subject_prefix = "auth".to_owned();
-    let (change, _) = outbox_core::ensure_stream(&settings).await.unwrap();
-    assert_eq!(change, outbox_core::StreamChange::Created);
-    write_messages(&t.db, "/topic/orders", 10).await;
-    let report = Relay::new(t.db.clone(), settings.clone())
-        .run_until_empty(Shutdown::never())
-        .await
-        .unwrap();
-    assert_eq!(report.published, 10);
-    let stream = outbox_core::stream_info(&settings).await.unwrap().unwrap();
-    assert_eq!(stream.messages, 10);
+    creates_the_stream_and_relays_ten(&t.db, &settings).await;
 
     write_messages(&t.db, "/topic/orders", 1).await;
     settings.broker.url = format!("nats://app:WrongPa55@127.0.0.1:{}", server.port);
-    let refused = Relay::new(t.db.clone(), settings)
-        .run_until_empty(Shutdown::never())
-        .await
-        .unwrap_err();
-    let said = outbox_core::report(&refused);
-    assert!(
-        matches!(refused, outbox_core::Error::BrokerRefused { .. }),
-        "{said}"
-    );
+    let said = refused(&t.db, settings).await;
     assert!(said.contains("check the user and password"), "{said}");
     assert!(
         !said.contains(PASSWORD) && !said.contains("WrongPa55"),
@@ -799,49 +811,19 @@ async fn tls_with_a_private_ca_and_an_nkey_user() {
     settings.nats.nkey_seed_file = Some(server.dir().join("user.nk"));
     settings.nats.stream = "TLS".to_owned();
     settings.nats.subject_prefix = "tls".to_owned();
-    let (change, _) = outbox_core::ensure_stream(&settings).await.unwrap();
-    assert_eq!(change, outbox_core::StreamChange::Created);
-    write_messages(&t.db, "/topic/orders", 10).await;
-    let report = Relay::new(t.db.clone(), settings.clone())
-        .run_until_empty(Shutdown::never())
-        .await
-        .unwrap();
-    assert_eq!(report.published, 10);
-    assert_eq!(
-        outbox_core::stream_info(&settings)
-            .await
-            .unwrap()
-            .unwrap()
-            .messages,
-        10
-    );
+    creates_the_stream_and_relays_ten(&t.db, &settings).await;
 
     write_messages(&t.db, "/topic/orders", 1).await;
-    let refused = |settings: Settings| {
-        let db = t.db.clone();
-        async move {
-            let err = Relay::new(db, settings)
-                .run_until_empty(Shutdown::never())
-                .await
-                .unwrap_err();
-            let said = outbox_core::report(&err);
-            assert!(
-                matches!(err, outbox_core::Error::BrokerRefused { .. }),
-                "{said}"
-            );
-            said
-        }
-    };
     let mut untrusted = settings.clone();
     untrusted.nats.tls_ca_file = None;
-    let said = refused(untrusted).await;
+    let said = refused(&t.db, untrusted).await;
     assert!(said.contains("nats.tls_ca_file"), "{said}");
 
     let other = nkeys::KeyPair::new_user().seed().unwrap();
     std::fs::write(server.dir().join("other.nk"), &other).unwrap();
     let mut stranger = settings.clone();
     stranger.nats.nkey_seed_file = Some(server.dir().join("other.nk"));
-    let said = refused(stranger).await;
+    let said = refused(&t.db, stranger).await;
     assert!(said.contains("nats.nkey_seed_file"), "{said}");
     assert!(!said.contains(&seed) && !said.contains(&other), "{said}");
 }
@@ -864,37 +846,14 @@ async fn a_creds_file_with_a_user_jwt_authenticates() {
     settings.nats.credentials_file = Some(server.dir().join("user.creds"));
     settings.nats.stream = "CREDS".to_owned();
     settings.nats.subject_prefix = "creds".to_owned();
-    let (change, _) = outbox_core::ensure_stream(&settings).await.unwrap();
-    assert_eq!(change, outbox_core::StreamChange::Created);
-    write_messages(&t.db, "/topic/orders", 10).await;
-    let report = Relay::new(t.db.clone(), settings.clone())
-        .run_until_empty(Shutdown::never())
-        .await
-        .unwrap();
-    assert_eq!(report.published, 10);
-    assert_eq!(
-        outbox_core::stream_info(&settings)
-            .await
-            .unwrap()
-            .unwrap()
-            .messages,
-        10
-    );
+    creates_the_stream_and_relays_ten(&t.db, &settings).await;
 
     write_messages(&t.db, "/topic/orders", 1).await;
     let (foreign, foreign_seed) = operator.stranger_creds();
     std::fs::write(server.dir().join("stranger.creds"), &foreign).unwrap();
     let mut stranger = settings.clone();
     stranger.nats.credentials_file = Some(server.dir().join("stranger.creds"));
-    let err = Relay::new(t.db.clone(), stranger)
-        .run_until_empty(Shutdown::never())
-        .await
-        .unwrap_err();
-    let said = outbox_core::report(&err);
-    assert!(
-        matches!(err, outbox_core::Error::BrokerRefused { .. }),
-        "{said}"
-    );
+    let said = refused(&t.db, stranger).await;
     assert!(said.contains("nats.credentials_file"), "{said}");
     assert!(
         !said.contains(&seed) && !said.contains(&foreign_seed),
