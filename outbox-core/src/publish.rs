@@ -119,7 +119,12 @@ where
 }
 
 fn new_row(message: Message, added: DateTime<Utc>, correlation: &str) -> published::Model {
-    let id = Uuid::new_v4();
+    // Time-ordered (UUIDv7): new rows land at the right edge of the primary
+    // key, and the claim's and the mark's new index entries near each other,
+    // instead of all over an index larger than the cache (a 1,000,000-row
+    // drain ran 16% faster, docs/PERFORMANCE.md section 9). Rows the Python
+    // library writes keep its uuid4s; both are just ids to everyone else.
+    let id = Uuid::now_v7();
     let destination = message.destination().to_string();
     let headers = outbox_headers(id, &destination, added, message.headers(), correlation);
     published::Model {
