@@ -70,6 +70,11 @@ pub(crate) fn dead_letter_stream(stream: &str) -> String {
     format!("{stream}_DLQ")
 }
 
+/// Where the durable consumer `durable` of `stream` copies what failed.
+pub(crate) fn dead_letter_subject(stream: &str, durable: &str) -> String {
+    format!("DLQ.{stream}.{durable}")
+}
+
 impl NatsSubscription {
     pub(crate) async fn open(nats: &Nats, spec: &SubscriptionSpec) -> Result<NatsSubscription> {
         let refused = |reason: String, fix: &str| Error::SubscriptionRefused {
@@ -130,7 +135,7 @@ impl NatsSubscription {
             .messages()
             .await
             .map_err(|err| nats.api_error("consume", &err))?;
-        let dead_letter_subject = format!("DLQ.{stream_name}.{durable}");
+        let dead_letter_subject = dead_letter_subject(stream_name, &durable);
         let held = Held::default();
         let (settler, events) = Settler::channel();
         let acker = tokio::spawn(run_acker(

@@ -12,7 +12,7 @@ use async_nats::jetstream::{Context, message::StreamMessage};
 use tracing::info;
 
 use super::Nats;
-use super::consume::{dead_letter_stream, durable_name};
+use super::consume::{dead_letter_stream, dead_letter_subject, durable_name};
 use crate::{DeadLetter, Error, Result, headers};
 
 /// Header the consumer adds to a dead letter: the subject it was consumed
@@ -112,11 +112,12 @@ impl Place {
             reason,
         })?;
         let main = &nats.settings().stream;
+        let subject = dead_letter_subject(main, &durable);
         let stream_name = dead_letter_stream(main);
         let stream = jetstream.get_stream(&stream_name).await.map_err(|err| {
             if super::stream::is_not_found(&err) {
                 Error::NotDelivered {
-                    destination: format!("DLQ.{main}.{durable}"),
+                    destination: subject.clone(),
                     reason: format!(
                         "the dead-letter stream {stream_name} does not exist (`outbox-cli stream create` makes it beside {main})"
                     ),
@@ -128,7 +129,7 @@ impl Place {
         Ok(Place {
             stream,
             stream_name,
-            subject: format!("DLQ.{main}.{durable}"),
+            subject,
         })
     }
 

@@ -125,7 +125,7 @@ impl Nats {
         // Where the consumer copies failed messages: DLQ.<stream>.<durable>.
         let dead_letters = Config {
             name: super::consume::dead_letter_stream(&wanted.name),
-            subjects: vec![format!("DLQ.{}.>", wanted.name)],
+            subjects: vec![super::consume::dead_letter_subject(&wanted.name, ">")],
             storage: wanted.storage,
             num_replicas: wanted.num_replicas,
             ..Config::default()
