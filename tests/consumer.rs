@@ -71,19 +71,10 @@ async fn cleanup(broker: &TestBroker, queue: &str) {
 /// is unroutable and dropped. The consumer attaches after the binding.
 async fn declared(broker: &TestBroker, queue: &str) {
     eventually(Duration::from_secs(10), "consumer attached", || async {
-        // A refused passive declare closes its channel: use a new one each time.
-        let channel = broker.connection.create_channel().await.unwrap();
-        channel
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
+        broker
+            .queue(queue)
             .await
-            .is_ok_and(|declared| declared.consumer_count() > 0)
+            .is_some_and(|queue| queue.consumer_count() > 0)
     })
     .await;
 }

@@ -84,18 +84,7 @@ async fn failures_from_an_amq_queue_without_dead_lettering_are_kept() {
     let running = Running::start(consumer);
     let dlq = format!("DLQ.{queue}");
     common::eventually(Duration::from_secs(10), "DLQ declared", || async {
-        let channel = broker.connection.create_channel().await.unwrap();
-        channel
-            .queue_declare(
-                dlq.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_ok()
+        broker.queue(&dlq).await.is_some()
     })
     .await;
     broker

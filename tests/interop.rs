@@ -849,22 +849,10 @@ fn tail(log: &str) -> String {
 /// Wait until `queue` exists with a consumer count that satisfies `ready`.
 async fn wait_for_queue(broker: &TestBroker, queue: &str, ready: impl Fn(u32) -> bool) {
     eventually(WAIT, &format!("queue {queue} consumed"), || async {
-        // A refused passive declare closes its channel: use a new one each time.
-        let Ok(channel) = broker.connection.create_channel().await else {
-            return false;
-        };
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await;
-        let _ = channel.close(200, "done".into()).await;
-        declared.is_ok_and(|q| ready(q.consumer_count()))
+        broker
+            .queue(queue)
+            .await
+            .is_some_and(|q| ready(q.consumer_count()))
     })
     .await;
 }

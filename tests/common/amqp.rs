@@ -81,8 +81,17 @@ impl TestBroker {
 
     /// Messages waiting in `queue`.
     pub async fn message_count(&self, queue: &str) -> u32 {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let q = channel
+        self.queue(queue)
+            .await
+            .unwrap_or_else(|| panic!("queue {queue} does not exist"))
+            .message_count()
+    }
+
+    /// `queue` as the broker sees it (messages, consumers), if it exists.
+    pub async fn queue(&self, queue: &str) -> Option<lapin::Queue> {
+        // A refused passive declare closes its channel: use a new one each time.
+        let channel = self.connection.create_channel().await.ok()?;
+        let declared = channel
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
@@ -91,9 +100,11 @@ impl TestBroker {
                 },
                 FieldTable::default(),
             )
-            .await
-            .expect("passive declare");
-        q.message_count()
+            .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "checked".into()).await;
+        }
+        declared.ok()
     }
 
     /// Consume until `expected` messages arrived or `idle` passes with none.
