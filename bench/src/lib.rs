@@ -344,11 +344,20 @@ pub async fn fill_rows_sql(
         outbox_core::Message::new(base_destination, order_body(0))?.with_version(version)?,
     )
     .await?;
-    let sql = "WITH s AS (
-            SELECT g, gen_random_uuid() AS id,
-                   $2::timestamptz + g * interval '1 microsecond' AS ts
+    // BENCH_IDS=v7: ids ordered by time (48-bit milliseconds first, as
+    // UUIDv7), instead of random ones.
+    let ordered = std::env::var("BENCH_IDS").is_ok_and(|v| v == "v7");
+    let id = if ordered {
+        "(lpad(to_hex(floor(extract(epoch FROM ts) * 1000)::bigint), 12, '0') || '7' \
+           || substr(replace(gen_random_uuid()::text, '-', ''), 14, 19))::uuid"
+    } else {
+        "gen_random_uuid()"
+    };
+    let sql = format!(
+        "WITH t AS (
+            SELECT g, $2::timestamptz + g * interval '1 microsecond' AS ts
             FROM generate_series(1, $1::bigint) AS g
-        )
+        ), s AS (SELECT g, ts, {id} AS id FROM t)
         INSERT INTO published (id, version, destination, body, added, expires_at, retry,
                                status, headers, next_attempt_at, last_error)
         SELECT id, $3, $4,
@@ -362,7 +371,8 @@ pub async fn fill_rows_sql(
                    'dop-msg-sent-time', to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
                    'dop-correlation-id', gen_random_uuid()::text),
                ts, NULL
-        FROM s";
+        FROM s"
+    );
     bench
         .db
         .execute_raw(Statement::from_sql_and_values(
@@ -535,6 +545,16 @@ impl Amqp {
 /// `dop-*` headers as long strings, `message_id`, `correlation_id`), for the
 /// raw lapin baseline to send exactly as much.
 pub fn relay_like_properties(destination: &str) -> BasicProperties {
+    let (properties, id, correlation) = dop_headers_only(destination);
+    properties
+        .with_content_type("application/json".into())
+        .with_message_id(id.as_str().into())
+        .with_correlation_id(correlation.as_str().into())
+}
+
+/// The five `dop-*` headers and `delivery_mode 2` alone (what the wire
+/// format requires), with the message and correlation ids they carry.
+pub fn dop_headers_only(destination: &str) -> (BasicProperties, String, String) {
     let id = uuid::Uuid::new_v4().to_string();
     let correlation = uuid::Uuid::new_v4().to_string();
     let mut table = FieldTable::default();
@@ -550,12 +570,10 @@ pub fn relay_like_properties(destination: &str) -> BasicProperties {
             AMQPValue::LongString(LongString::from(value)),
         );
     }
-    BasicProperties::default()
+    let properties = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_headers(table)
-        .with_message_id(id.as_str().into())
-        .with_correlation_id(correlation.as_str().into())
+        .with_headers(table);
+    (properties, id, correlation)
 }
 
 /// The median of `values` (not empty).

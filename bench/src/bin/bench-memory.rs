@@ -3,8 +3,12 @@
 //!
 //! Build the CLI first: `cargo build --release -p outbox-cli`.
 //!
-//! Environment: `BENCH_N` (large backlog, 1000000), `BENCH_SMALL_N` (10000),
-//! `BENCH_OUTBOX_CLI` (path of the binary; default `target/release/outbox-cli`
+//! Environment: `BENCH_N` (large backlog, 1000000), `BENCH_SMALL_N` (100000),
+//! `BENCH_PROBE_N` (raw lapin messages published into the empty queue and
+//! into the queue holding the large backlog, to tell a slower broker from a
+//! slower database; 50000, 0 skips),
+//! `BENCH_TABLE_SET` (storage parameters for `published`, e.g.
+//! `fillfactor=50`, applied after migrate), `BENCH_OUTBOX_CLI` (path of the binary; default `target/release/outbox-cli`
 //! of this workspace), `BENCH_CHILD_LOG` (its `RUST_LOG`, default
 //! `warn,outbox_core=info`), `BENCH_SHOW_CHILD_LOG=1` (print all of its log).
 
@@ -13,10 +17,12 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, ensure};
+use anyhow::{Context as _, bail, ensure};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Confirmation, Connection, ConnectionProperties};
 use outbox_bench::{
-    Amqp, BenchDb, CpuSnapshot, amqp_url, env_usize, fill_rows_sql, finish, thousands, undisturbed,
-    wait_quiet,
+    Amqp, BenchDb, CpuSnapshot, amqp_url, env_usize, fill_rows_sql, finish, order_body,
+    relay_like_properties, thousands, undisturbed, wait_quiet,
 };
 use sea_orm::ConnectionTrait;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -157,9 +163,65 @@ async fn drain(bench: &BenchDb, rows: usize) -> anyhow::Result<(Drain, f64)> {
     Ok((result, other))
 }
 
-/// Fill `rows` rows, drain them with the CLI, verify rows and queue; repeated
-/// when something else used the machine meanwhile.
-async fn measured(bench: &BenchDb, amqp: &Amqp, rows: usize) -> anyhow::Result<Drain> {
+/// Raw lapin into the bench queue as it is now: `n` messages with the
+/// relay's properties, at most 1,000 unconfirmed; msg/s. The queue then
+/// holds `n` more.
+async fn raw_probe(n: usize) -> anyhow::Result<f64> {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| serde_json::to_vec(&order_body(i)))
+        .collect::<Result<_, _>>()?;
+    let destination = format!("{BASE}.v1");
+    let mut pending = std::collections::VecDeque::with_capacity(1000);
+    let mut refused = 0_usize;
+    let start = Instant::now();
+    for body in &bodies {
+        let confirm = channel
+            .basic_publish(
+                "amq.topic".into(),
+                ROUTING_KEY.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                relay_like_properties(&destination),
+            )
+            .await?;
+        pending.push_back(confirm);
+        if pending.len() >= 1000
+            && let Some(oldest) = pending.pop_front()
+            && !matches!(oldest.await?, Confirmation::Ack(None))
+        {
+            refused += 1;
+        }
+    }
+    while let Some(confirm) = pending.pop_front() {
+        if !matches!(confirm.await?, Confirmation::Ack(None)) {
+            refused += 1;
+        }
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = connection.close(200, "bye".into()).await;
+    if refused > 0 {
+        bail!("raw lapin: {refused} of {n} messages were not acked cleanly");
+    }
+    Ok(rate)
+}
+
+/// Fill `rows` rows, drain them with the CLI, verify rows and queue, and
+/// (with `probe`) publish that many raw messages into the queue the drain
+/// left full; repeated when something else used the machine meanwhile.
+async fn measured(
+    bench: &BenchDb,
+    amqp: &Amqp,
+    rows: usize,
+    probe: usize,
+) -> anyhow::Result<(Drain, Option<f64>)> {
     undisturbed(&format!("drain of {rows} rows"), async || {
         bench.db.execute_unprepared("TRUNCATE published").await?;
         amqp.purge(QUEUE).await?;
@@ -177,8 +239,16 @@ async fn measured(bench: &BenchDb, amqp: &Amqp, rows: usize) -> anyhow::Result<D
         let (result, other) = drain(bench, rows).await?;
         bench.expect_all_sent(rows).await?;
         amqp.expect_count(QUEUE, rows).await?;
+        let probed = if probe > 0 {
+            wait_quiet().await?;
+            let rate = raw_probe(probe).await?;
+            amqp.expect_count(QUEUE, rows + probe).await?;
+            Some(rate)
+        } else {
+            None
+        };
         amqp.purge(QUEUE).await?;
-        Ok((result, other))
+        Ok(((result, probed), other))
     })
     .await
 }
@@ -194,7 +264,8 @@ fn rss_at(drain: &Drain, fraction: f64) -> f64 {
 
 async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
     let large = env_usize("BENCH_N", 1_000_000)?;
-    let small = env_usize("BENCH_SMALL_N", 10_000)?;
+    let small = env_usize("BENCH_SMALL_N", 100_000)?;
+    let probe = env_usize("BENCH_PROBE_N", 50_000)?;
     println!(
         "method: {} runs as a child process (`publish --until-empty`, default settings: \
          batch_size 200, pool 10) with DATABASE_URL/AMQP_URL; /proc/<pid>/status sampled every \
@@ -203,21 +274,33 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
          row shape (not timed). Queue `{QUEUE}`: durable, x-queue-mode lazy, bound to amq.topic \
          / {ROUTING_KEY}. Rate = rows / (child wall time - wall time of a run on an empty \
          outbox, i.e. process start, connect, first claim, exit). Verified: exit 0, every row \
-         status 2, queue holds exactly N (then purged).",
+         status 2, queue holds exactly N (then purged). Probe: raw lapin publishes \
+         {probe} messages with the relay's properties (window 1000) into the empty queue, and \
+         into the queue still holding the {large}-row drain, before it is purged.",
         cli_path().display()
     );
+    if let Ok(set) = std::env::var("BENCH_TABLE_SET") {
+        bench
+            .db
+            .execute_unprepared(&format!("ALTER TABLE published SET ({set})"))
+            .await?;
+        println!("ALTER TABLE published SET ({set})");
+    }
     let amqp = Amqp::connect().await?;
     amqp.bound_queue(QUEUE, ROUTING_KEY, true).await?;
     let result = async {
-        let empty = measured(bench, &amqp, 0).await?;
+        let (empty, shallow) = measured(bench, &amqp, 0, probe).await?;
         println!(
             "empty outbox: {:.3} s wall, peak RSS {:.1} MB",
             empty.wall,
             empty.peak_kb as f64 / 1024.0
         );
         let mut runs = Vec::new();
+        let mut deep = None;
         for rows in [small, large] {
-            let run = measured(bench, &amqp, rows).await?;
+            let (run, probed) =
+                measured(bench, &amqp, rows, if rows == large { probe } else { 0 }).await?;
+            deep = deep.or(probed);
             println!(
                 "{} rows: {:.2} s wall, peak RSS {:.1} MB, outbox-cli CPU {:.1} s; CPU: {}",
                 thousands(rows as f64),
@@ -231,12 +314,12 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
             }
             runs.push(run);
         }
-        anyhow::Ok((empty, runs))
+        anyhow::Ok((empty, runs, shallow.zip(deep)))
     }
     .await;
     amqp.delete(QUEUE).await?;
     amqp.close().await;
-    let (empty, runs) = result?;
+    let (empty, runs, probes) = result?;
 
     let rate = |d: &Drain| d.rows as f64 / (d.wall - empty.wall).max(1e-9);
     println!();
@@ -273,6 +356,15 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
         thousands(small as f64),
         if ratio >= 0.90 { "MET" } else { "NOT MET" }
     );
+    if let Some((shallow, deep)) = probes {
+        println!(
+            "raw lapin into the empty queue {}/s, into the queue holding {} messages {}/s: {:.2}",
+            thousands(shallow),
+            thousands(large as f64),
+            thousands(deep),
+            deep / shallow
+        );
+    }
     Ok(())
 }
 

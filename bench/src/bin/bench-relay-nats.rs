@@ -4,7 +4,8 @@
 //!
 //! Environment: `BENCH_N` (messages per run, 100000), `BENCH_ROUNDS` (3),
 //! `BENCH_BATCH_SIZES` (200,1000), `BENCH_NATS_URL` (nats://127.0.0.1:4222),
-//! `BENCH_QUIET_WAIT` (seconds to wait for an idle machine, 600).
+//! `BENCH_QUIET_WAIT` (seconds to wait for an idle machine, 600),
+//! `BENCH_MAX_IN_FLIGHT` (the relay's `relay.max_in_flight`; its default).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -129,6 +130,9 @@ async fn relay_run(
         .await?;
     let mut settings = settings(bench);
     settings.relay.batch_size = u32::try_from(batch)?;
+    if let Ok(window) = std::env::var("BENCH_MAX_IN_FLIGHT") {
+        settings.relay.max_in_flight = window.parse()?;
+    }
     let db = outbox_core::connect(&settings).await?;
     let cpu = CpuSnapshot::take();
     let start = Instant::now();

@@ -2,10 +2,11 @@
 //! lapin publishing the same messages with publisher confirms, same run.
 //!
 //! Environment: `BENCH_N` (messages per run, 100000), `BENCH_ROUNDS` (rounds of
-//! raw w1000 bare, raw w1000 with the relay's properties and the relay per
+//! raw w1000 bare, with the relay's properties, with the dop-* headers only, and the relay per
 //! batch size, 3), `BENCH_BATCH_SIZES` (200,1000), `BENCH_REF_WINDOWS`
 //! (reference raw windows run once, bare, 100,1), `BENCH_QUEUE_DURABLE` (1),
-//! `BENCH_QUIET_WAIT` (seconds to wait for an idle machine, 600).
+//! `BENCH_QUIET_WAIT` (seconds to wait for an idle machine, 600),
+//! `BENCH_MAX_IN_FLIGHT` (the relay's `relay.max_in_flight`; its default).
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -14,9 +15,9 @@ use anyhow::{bail, ensure};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use outbox_bench::{
-    Amqp, BenchDb, CpuSnapshot, amqp_url, env_list, env_usize, finish, median, order_body,
-    percentile, queue_durable, relay_like_properties, thousands, undisturbed, with_database,
-    write_rows,
+    Amqp, BenchDb, CpuSnapshot, amqp_url, dop_headers_only, env_list, env_usize, finish, median,
+    order_body, percentile, queue_durable, relay_like_properties, thousands, undisturbed,
+    with_database, write_rows,
 };
 use outbox_core::{Relay, Shutdown};
 use sea_orm::ConnectionTrait;
@@ -41,6 +42,9 @@ async fn relay_run(
     amqp.purge(QUEUE).await?;
     let mut settings = bench.settings();
     settings.relay.batch_size = u32::try_from(batch)?;
+    if let Ok(window) = std::env::var("BENCH_MAX_IN_FLIGHT") {
+        settings.relay.max_in_flight = window.parse()?;
+    }
     let db = outbox_core::connect(&settings).await?;
     let cpu = CpuSnapshot::take();
     let start = Instant::now();
@@ -84,7 +88,7 @@ async fn raw_run(
     amqp: &Amqp,
     n: usize,
     window: usize,
-    headers: bool,
+    properties: Props,
 ) -> anyhow::Result<(Run, f64)> {
     amqp.purge(QUEUE).await?;
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
@@ -108,10 +112,10 @@ async fn raw_run(
     let mut pending = VecDeque::with_capacity(window);
     for body in &bodies {
         let sent = Instant::now();
-        let properties = if headers {
-            relay_like_properties(&destination)
-        } else {
-            BasicProperties::default().with_delivery_mode(2)
+        let properties = match properties {
+            Props::Bare => BasicProperties::default().with_delivery_mode(2),
+            Props::Dop => dop_headers_only(&destination).0,
+            Props::Relay => relay_like_properties(&destination),
         };
         let confirm = channel
             .basic_publish(
@@ -173,8 +177,10 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
          (includes the broker connect), batch sizes {batches:?}. raw: one lapin confirm-mode \
          channel, the same bodies, at most `window` unconfirmed; two variants: `bare` = \
          delivery_mode 2 only (as briefed), `relay properties` = also the relay's 5 dop-* \
-         headers, message_id, correlation_id, content_type (what the relay must send). \
-         {rounds} rounds of raw bare w1000, raw relay-properties w1000 and relay per batch \
+         headers, message_id, correlation_id, content_type (what the relay sends), `dop-* \
+         headers only` = the 5 headers without the three properties (what the wire format \
+         requires). \
+         {rounds} rounds of raw bare w1000, raw relay-properties w1000, raw dop-* headers only w1000 and relay per batch \
          size, interleaved, order rotated; median reported; references run once. Before each \
          run: wait for an idle machine; a run during which other processes used > 10% of a \
          core is repeated. After each run: queue holds exactly N, then purged; relay runs also \
@@ -190,19 +196,34 @@ async fn bench(bench: &BenchDb) -> anyhow::Result<()> {
     result
 }
 
+/// What a raw message carries besides its body.
+#[derive(Clone, Copy)]
+enum Props {
+    /// `delivery_mode 2` only.
+    Bare,
+    /// Also the five `dop-*` headers: what the wire format requires.
+    Dop,
+    /// Also `message_id`, `correlation_id` and `content_type`: what the relay sends.
+    Relay,
+}
+
 /// One kind of timed run.
 #[derive(Clone, Copy)]
 enum Kind {
-    Raw { window: usize, headers: bool },
+    Raw { window: usize, properties: Props },
     Relay { batch: usize },
 }
 
 impl Kind {
     fn label(self) -> String {
         match self {
-            Kind::Raw { window, headers } => format!(
+            Kind::Raw { window, properties } => format!(
                 "raw lapin, window {window}, {}",
-                if headers { "relay properties" } else { "bare" }
+                match properties {
+                    Props::Bare => "bare",
+                    Props::Dop => "dop-* headers only",
+                    Props::Relay => "relay properties",
+                }
             ),
             Kind::Relay { batch } => format!("relay, batch_size {batch}"),
         }
@@ -211,8 +232,8 @@ impl Kind {
     async fn run(self, bench: &BenchDb, amqp: &Amqp, n: usize) -> anyhow::Result<Run> {
         let label = self.label();
         match self {
-            Kind::Raw { window, headers } => {
-                undisturbed(&label, async || raw_run(amqp, n, window, headers).await).await
+            Kind::Raw { window, properties } => {
+                undisturbed(&label, async || raw_run(amqp, n, window, properties).await).await
             }
             Kind::Relay { batch } => {
                 undisturbed(&label, async || relay_run(bench, amqp, n, batch).await).await
@@ -232,11 +253,15 @@ async fn measure(
     let mut kinds = vec![
         Kind::Raw {
             window: 1000,
-            headers: false,
+            properties: Props::Bare,
         },
         Kind::Raw {
             window: 1000,
-            headers: true,
+            properties: Props::Relay,
+        },
+        Kind::Raw {
+            window: 1000,
+            properties: Props::Dop,
         },
     ];
     kinds.extend(batches.iter().map(|&batch| Kind::Relay { batch }));
@@ -259,7 +284,7 @@ async fn measure(
     for &window in windows {
         let kind = Kind::Raw {
             window,
-            headers: false,
+            properties: Props::Bare,
         };
         let run = kind.run(bench, amqp, n).await?;
         println!(
@@ -309,7 +334,7 @@ async fn measure(
         );
     }
     println!();
-    for (index, kind) in kinds.iter().enumerate().skip(2) {
+    for (index, kind) in kinds.iter().enumerate().skip(3) {
         for (name, raw) in [("bare (as briefed)", bare), ("with relay properties", like)] {
             let ratio = medians[index] / raw;
             println!(
