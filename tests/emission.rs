@@ -112,6 +112,8 @@ async fn model_and_outbox_rows_commit_together(backend: Backend) {
     for row in &rows {
         assert_eq!(row.status, Status::Schedule);
         assert_eq!(row.retry, 0);
+        // Time-ordered, so the primary key's index is written at one edge.
+        assert_eq!(row.id.get_version_num(), 7, "{}", row.id);
         let h = row.headers.as_object().unwrap();
         assert_eq!(h[headers::MSG_ID], row.id.to_string());
         assert_eq!(h[headers::MSG_DESTINATION], row.destination.as_str());
