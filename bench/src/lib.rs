@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use lapin::options::{
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
 };
@@ -574,6 +575,90 @@ pub fn dop_headers_only(destination: &str) -> (BasicProperties, String, String) 
         .with_delivery_mode(2)
         .with_headers(table);
     (properties, id, correlation)
+}
+
+/// A raw lapin baseline: a connection of its own with one confirm-mode
+/// channel, publishing to `amq.topic`.
+#[derive(Debug)]
+pub struct RawPublisher {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl RawPublisher {
+    /// Connect and put the channel in confirm mode (not part of a timing).
+    pub async fn connect() -> anyhow::Result<RawPublisher> {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(RawPublisher {
+            connection,
+            channel,
+        })
+    }
+
+    /// Publish `bodies` (persistent, mandatory) with at most `window`
+    /// unconfirmed, each with `properties()`; fails unless every confirm is a
+    /// plain ack. With a window of 1, returns each publish → confirm time in
+    /// ms (there each one is a round trip), sorted.
+    pub async fn publish(
+        &self,
+        routing_key: &str,
+        bodies: &[Vec<u8>],
+        window: usize,
+        properties: impl Fn() -> BasicProperties,
+    ) -> anyhow::Result<Vec<f64>> {
+        let mut refused = 0_usize;
+        let mut check = |confirmation: Confirmation| {
+            if !matches!(confirmation, Confirmation::Ack(None)) {
+                refused += 1;
+            }
+        };
+        let mut confirm_ms = Vec::new();
+        let mut pending = std::collections::VecDeque::with_capacity(window);
+        for body in bodies {
+            let sent = std::time::Instant::now();
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "amq.topic".into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    body,
+                    properties(),
+                )
+                .await?;
+            pending.push_back(confirm);
+            if pending.len() >= window
+                && let Some(oldest) = pending.pop_front()
+            {
+                check(oldest.await?);
+                if window == 1 {
+                    confirm_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        while let Some(confirm) = pending.pop_front() {
+            check(confirm.await?);
+        }
+        if refused > 0 {
+            bail!(
+                "raw lapin: {refused} of {} messages were not acked cleanly",
+                bodies.len()
+            );
+        }
+        confirm_ms.sort_by(f64::total_cmp);
+        Ok(confirm_ms)
+    }
+
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
 }
 
 /// The median of `values` (not empty).

@@ -17,12 +17,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail, ensure};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Confirmation, Connection, ConnectionProperties};
+use anyhow::{Context as _, ensure};
 use outbox_bench::{
-    Amqp, BenchDb, CpuSnapshot, amqp_url, env_usize, fill_rows_sql, finish, order_body,
-    relay_like_properties, thousands, undisturbed, wait_quiet,
+    Amqp, BenchDb, CpuSnapshot, RawPublisher, amqp_url, env_usize, fill_rows_sql, finish,
+    order_body, relay_like_properties, thousands, undisturbed, wait_quiet,
 };
 use sea_orm::ConnectionTrait;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -167,49 +165,20 @@ async fn drain(bench: &BenchDb, rows: usize) -> anyhow::Result<(Drain, f64)> {
 /// relay's properties, at most 1,000 unconfirmed; msg/s. The queue then
 /// holds `n` more.
 async fn raw_probe(n: usize) -> anyhow::Result<f64> {
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let raw = RawPublisher::connect().await?;
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| serde_json::to_vec(&order_body(i)))
         .collect::<Result<_, _>>()?;
     let destination = format!("{BASE}.v1");
-    let mut pending = std::collections::VecDeque::with_capacity(1000);
-    let mut refused = 0_usize;
     let start = Instant::now();
-    for body in &bodies {
-        let confirm = channel
-            .basic_publish(
-                "amq.topic".into(),
-                ROUTING_KEY.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                body,
-                relay_like_properties(&destination),
-            )
-            .await?;
-        pending.push_back(confirm);
-        if pending.len() >= 1000
-            && let Some(oldest) = pending.pop_front()
-            && !matches!(oldest.await?, Confirmation::Ack(None))
-        {
-            refused += 1;
-        }
-    }
-    while let Some(confirm) = pending.pop_front() {
-        if !matches!(confirm.await?, Confirmation::Ack(None)) {
-            refused += 1;
-        }
-    }
+    let published = raw
+        .publish(ROUTING_KEY, &bodies, 1000, || {
+            relay_like_properties(&destination)
+        })
+        .await;
     let rate = n as f64 / start.elapsed().as_secs_f64();
-    let _ = connection.close(200, "bye".into()).await;
-    if refused > 0 {
-        bail!("raw lapin: {refused} of {n} messages were not acked cleanly");
-    }
+    raw.close().await;
+    published?;
     Ok(rate)
 }
 

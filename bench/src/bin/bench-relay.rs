@@ -8,15 +8,13 @@
 //! `BENCH_QUIET_WAIT` (seconds to wait for an idle machine, 600),
 //! `BENCH_MAX_IN_FLIGHT` (the relay's `relay.max_in_flight`; its default).
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
-use anyhow::{bail, ensure};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use anyhow::ensure;
+use lapin::BasicProperties;
 use outbox_bench::{
-    Amqp, BenchDb, CpuSnapshot, amqp_url, dop_headers_only, env_list, env_usize, finish, median,
-    order_body, percentile, queue_durable, relay_like_properties, thousands, undisturbed,
+    Amqp, BenchDb, CpuSnapshot, RawPublisher, dop_headers_only, env_list, env_usize, finish,
+    median, order_body, percentile, queue_durable, relay_like_properties, thousands, undisturbed,
     with_database, write_rows,
 };
 use outbox_core::{Relay, Shutdown};
@@ -91,66 +89,26 @@ async fn raw_run(
     properties: Props,
 ) -> anyhow::Result<(Run, f64)> {
     amqp.purge(QUEUE).await?;
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let raw = RawPublisher::connect().await?;
     let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| serde_json::to_vec(&order_body(i)))
         .collect::<Result<_, _>>()?;
     let destination = format!("{BASE}.v1");
-    let mut bad = 0_usize;
-    let mut check = |confirmation: Confirmation| {
-        if !matches!(confirmation, Confirmation::Ack(None)) {
-            bad += 1;
-        }
-    };
-    let mut confirm_ms = Vec::new();
     let cpu = CpuSnapshot::take();
     let start = Instant::now();
-    let mut pending = VecDeque::with_capacity(window);
-    for body in &bodies {
-        let sent = Instant::now();
-        let properties = match properties {
+    let published = raw
+        .publish(ROUTING_KEY, &bodies, window, || match properties {
             Props::Bare => BasicProperties::default().with_delivery_mode(2),
             Props::Dop => dop_headers_only(&destination).0,
             Props::Relay => relay_like_properties(&destination),
-        };
-        let confirm = channel
-            .basic_publish(
-                "amq.topic".into(),
-                ROUTING_KEY.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                body,
-                properties,
-            )
-            .await?;
-        pending.push_back(confirm);
-        if pending.len() >= window
-            && let Some(oldest) = pending.pop_front()
-        {
-            check(oldest.await?);
-            if window == 1 {
-                confirm_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
-    }
-    while let Some(confirm) = pending.pop_front() {
-        check(confirm.await?);
-    }
+        })
+        .await;
     let elapsed = start.elapsed().as_secs_f64();
     let after = CpuSnapshot::take();
     let other = after.other_share(&cpu, elapsed);
     let cpu = after.describe(&cpu, elapsed);
-    confirm_ms.sort_by(f64::total_cmp);
-    let _ = connection.close(200, "bye".into()).await;
-    if bad > 0 {
-        bail!("raw lapin: {bad} of {n} messages were not acked cleanly");
-    }
+    raw.close().await;
+    let confirm_ms = published?;
     amqp.expect_count(QUEUE, n).await?;
     amqp.purge(QUEUE).await?;
     Ok((
